@@ -1,0 +1,26 @@
+"""jax_softmax: stable softmax, cross-entropy and fused linear cross-entropy.
+
+Every public function is pure, jittable and vmappable, and carries a
+hand-written ``jax.custom_vjp`` gradient (reverse mode only).
+"""
+
+from jax_softmax._losses import (
+    cross_entropy,
+    nll_loss,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+from jax_softmax._primitives import log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "nll_loss",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]

@@ -1,0 +1,648 @@
+"""Cross-entropy losses from logits, with hand-written gradients.
+
+The row kernel here (:func:`row_stats`, :func:`grad_logits`,
+:func:`grad_target`, :func:`grad_hyper`) works on a 2-D block of logits
+``(rows, classes)`` with the class axis last. ``cross_entropy`` applies it to
+all rows at once; the linear model and the fused loss apply it to their own
+blocks, so every loss in the package shares one definition of the numerics.
+
+Notation for one row: logits ``z`` (after the soft cap), support
+``S = {c : z_c > -inf and not masked}``, ``K = |S|``, ``m = max z``,
+``log_s = log sum_S exp(z - m)``, ``lse = m + log_s``,
+``nll_c = log_s - (z_c - m) = -log p_c`` (never ``lse - z_c``: that
+difference of two large numbers loses precision at ``|z| ~ 1e3``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax import _checks
+from jax_softmax._primitives import compute_dtype
+
+_NEG_INF = -jnp.inf
+
+
+class Hyper(NamedTuple):
+  """Loss hyperparameters; ``None`` means off (and costs nothing)."""
+
+  label_smoothing: jax.Array | None = None
+  z_loss: jax.Array | None = None
+  soft_cap: jax.Array | None = None
+  class_weights: jax.Array | None = None
+
+
+class Stats(NamedTuple):
+  """Per-row results of the forward pass, all shape ``(rows,)``."""
+
+  lse: jax.Array       # log-sum-exp of the capped logits (0 if uncounted)
+  ce: jax.Array        # cross-entropy term of the row loss, 0 if uncounted
+  counted: jax.Array   # bool: the row enters the loss
+  weight: jax.Array    # the row's share of the mean's denominator
+  a: jax.Array         # total target mass: d ce / d z = a * p - t_w
+  k: jax.Array         # |S|, the support size (smoothing spreads over it)
+  bad: jax.Array       # bool: counted row whose integer label is out of range
+
+
+def make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
+               num_classes: int, dtype) -> Hyper:
+  """Validates hyperparameters; a literal 0 / None switches a term off."""
+
+  def scalar(v, name):
+    if v is None or (isinstance(v, (int, float)) and v == 0):
+      return None
+    arr = jnp.asarray(v, dtype=dtype)
+    if arr.ndim:
+      raise ValueError(f"{name} must be a scalar; got shape {arr.shape}.")
+    return arr
+
+  cw = None
+  if class_weights is not None:
+    cw = _checks.as_float_array(class_weights, "class_weights")
+    _checks.check_class_weights(cw, num_classes)
+    cw = cw.astype(jnp.result_type(cw.dtype, dtype))
+  cap = None if soft_cap is None else jnp.asarray(soft_cap, dtype=dtype)
+  if cap is not None and cap.ndim:
+    raise ValueError(f"soft_cap must be a scalar; got shape {cap.shape}.")
+  return Hyper(scalar(label_smoothing, "label_smoothing"),
+               scalar(z_loss, "z_loss"), cap, cw)
+
+
+def _support_logits(z, cmask, hp):
+  """Capped logits in the compute dtype, ``-inf`` off the support."""
+  zc = z.astype(compute_dtype(z.dtype))
+  if hp.soft_cap is not None:
+    zc = jnp.where(zc == _NEG_INF, _NEG_INF,
+                   hp.soft_cap * jnp.tanh(zc / hp.soft_cap))
+  if cmask is not None:
+    zc = jnp.where(cmask, zc, _NEG_INF)
+  return zc
+
+
+def _weighted(x, hp, axis_value=None):
+  """``x * class_weights`` (broadcast over rows), or ``x`` without weights."""
+  if hp.class_weights is None:
+    return x
+  w = hp.class_weights if axis_value is None else hp.class_weights[axis_value]
+  return x * w
+
+
+def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool) -> Stats:
+  """Forward pass over a ``(rows, C)`` block.
+
+  Args:
+    z: ``(rows, C)`` logits, any floating dtype.
+    target: ``(rows,)`` integer labels or ``(rows, C)`` probabilities.
+    row: ``(rows,)`` bool, False for rows masked out or ``ignore_index``.
+    cmask: ``(rows, C)`` bool class mask, or None.
+    hp: hyperparameters.
+    is_int: whether ``target`` holds class indices.
+  """
+  num_classes = z.shape[-1]
+  zc = _support_logits(z, cmask, hp)
+  m = jnp.max(zc, axis=-1)
+  counted = row & (m != _NEG_INF)           # NaN rows stay counted
+  zc = jnp.where(counted[:, None], zc, 0.0)   # uncounted rows: harmless zeros
+  m = jnp.where(counted, m, 0.0)
+  shifted = zc - m[:, None]
+  log_s = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+  lse = m + log_s
+  valid = zc != _NEG_INF
+  eps = hp.label_smoothing
+  k = jnp.sum(valid, axis=-1).astype(zc.dtype)
+  one = jnp.ones_like(m)
+  if is_int:
+    yc = jnp.clip(target, 0, num_classes - 1)
+    bad = counted & ((target < 0) | (target >= num_classes))
+    z_y = jnp.take_along_axis(shifted, yc[:, None], axis=-1)[:, 0]
+    nll_y = jnp.where(bad, jnp.nan, log_s - z_y)
+    w_y = _weighted(one, hp, yc)
+    ce = w_y * nll_y
+    a = w_y
+    if eps is not None:
+      # (eps / K) sum_S w_c nll_c = (W_S log_s - sum_S w_c (z_c - m)) / K
+      w_s = jnp.sum(_weighted(valid.astype(zc.dtype), hp), axis=-1)
+      wz = jnp.sum(jnp.where(valid, _weighted(shifted, hp), 0.0), axis=-1)
+      smooth = (w_s * log_s - wz) / k
+      ce = (1 - eps) * ce + eps * smooth
+      a = (1 - eps) * w_y + eps * w_s / k
+    weight = jnp.where(counted, w_y, 0.0)
+  else:
+    bad = jnp.zeros_like(counted)
+    q = _smoothed_target(target, valid, k, eps)
+    wq = _weighted(q, hp)
+    nll = log_s[:, None] - shifted
+    ce = jnp.sum(jnp.where(wq == 0, 0.0, wq * nll), axis=-1)
+    a = jnp.sum(wq, axis=-1)
+    weight = counted.astype(zc.dtype)
+  ce = jnp.where(counted, ce, 0.0)
+  return Stats(jnp.where(counted, lse, 0.0), ce, counted, weight, a, k, bad)
+
+
+def _smoothed_target(t, valid, k, eps):
+  t = t.astype(k.dtype)
+  if eps is None:
+    return t
+  return (1 - eps) * t + eps * valid / k[:, None]
+
+
+def _probs(z, cmask, hp, st):
+  zc = _support_logits(z, cmask, hp)
+  zc = jnp.where(st.counted[:, None], zc, 0.0)
+  p = jnp.exp(zc - st.lse[:, None])
+  return zc, p
+
+
+def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
+                 c_ce, c_z):
+  """``d loss / d zc`` with respect to the capped logits ``zc``."""
+  valid = zc != _NEG_INF
+  eps = hp.label_smoothing
+  coef = c_ce * st.a
+  if hp.z_loss is not None:
+    coef = coef + c_z * 2 * hp.z_loss * st.lse
+  if is_int:
+    onehot = jnp.arange(zc.shape[-1])[None, :] == target[:, None]
+    ones = _weighted(jnp.ones_like(p), hp)
+    tw = jnp.where(onehot, ones, 0.0)
+    if eps is not None:
+      tw = (1 - eps) * tw + eps * jnp.where(valid, ones, 0.0) / st.k[:, None]
+  else:
+    tw = _weighted(_smoothed_target(target, valid, st.k, eps), hp)
+  return coef[:, None] * p - c_ce[:, None] * tw
+
+
+def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
+                c_ce, c_z):
+  """``d loss / d z`` for a block, in the compute dtype.
+
+  ``c_ce`` and ``c_z`` are per-row cotangents ``(rows,)`` of the
+  cross-entropy and z-loss terms (already scaled by the reduction).
+  Exactly 0 on uncounted rows and masked classes, NaN on bad-label rows.
+  """
+  zc, p = _probs(z, cmask, hp, st)
+  g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z)
+  if hp.soft_cap is not None:
+    g = g * jnp.where(zc != _NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
+  keep = st.counted[:, None]
+  if cmask is not None:
+    keep = keep & cmask
+  g = jnp.where(keep, g, 0.0)
+  return jnp.where(st.bad[:, None], jnp.nan, g)
+
+
+def grad_target(z, target, cmask, hp: Hyper, st: Stats, c_ce):
+  """``d loss / d t`` for probability targets: ``(1-eps) w_c nll_c`` on the
+  support, 0 off it and on uncounted rows."""
+  zc, _ = _probs(z, cmask, hp, st)
+  nll = st.lse[:, None] - zc
+  scale = 1.0 if hp.label_smoothing is None else 1 - hp.label_smoothing
+  dt = c_ce[:, None] * scale * _weighted(nll, hp)
+  return jnp.where((zc != _NEG_INF) & st.counted[:, None], dt, 0.0)
+
+
+def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
+               c_ce, c_z, mean_ce) -> Hyper:
+  """Gradients of the loss with respect to the hyperparameters.
+
+  Under ``jit`` XLA drops the ones that are not used. ``mean_ce`` is the
+  cross-entropy mean for ``reduction="mean"`` with integer labels (the
+  class weights also enter its denominator), else 0.
+  """
+  zc, p = _probs(z, cmask, hp, st)
+  valid = zc != _NEG_INF
+  nll = jnp.where(valid, st.lse[:, None] - zc, 0.0)
+  eps = hp.label_smoothing
+  counted = st.counted
+  d_eps = d_z = d_cap = d_w = None
+  n_cls = z.shape[-1]
+  if is_int:
+    yc = jnp.clip(target, 0, n_cls - 1)
+    nll_y = jnp.take_along_axis(nll, yc[:, None], axis=-1)[:, 0]
+    nll_y = jnp.where(st.bad, jnp.nan, nll_y)
+  if eps is not None:
+    if is_int:
+      w_y = _weighted(jnp.ones_like(nll_y), hp, yc)
+      smooth = jnp.sum(_weighted(nll, hp), axis=-1) / st.k
+      per_row = smooth - w_y * nll_y
+    else:
+      dq = valid / st.k[:, None] - target
+      per_row = jnp.sum(_weighted(dq * nll, hp), axis=-1)
+    d_eps = jnp.sum(jnp.where(counted, c_ce * per_row, 0.0))
+  if hp.z_loss is not None:
+    d_z = jnp.sum(jnp.where(counted, c_z * jnp.square(st.lse), 0.0))
+  if hp.soft_cap is not None:
+    g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z)
+    # d zc / d cap for zc = cap * tanh(z / cap).
+    u = z.astype(zc.dtype) / hp.soft_cap
+    th = jnp.tanh(u)
+    dcap = jnp.where(valid, th - u * (1 - jnp.square(th)), 0.0)
+    d_cap = jnp.sum(jnp.where(valid & counted[:, None], g * dcap, 0.0))
+  if hp.class_weights is not None:
+    rows = jnp.where(counted, c_ce, 0.0)
+    if is_int:
+      smooth_w = 0.0 if eps is None else eps
+      per_y = rows * ((1 - smooth_w) * nll_y - mean_ce)
+      d_w = jax.ops.segment_sum(per_y, yc, num_segments=n_cls)
+      if eps is not None:
+        d_w = d_w + jnp.sum(rows[:, None] * eps * nll / st.k[:, None], 0)
+    else:
+      q = _smoothed_target(target, valid, st.k, eps)
+      d_w = jnp.sum(rows[:, None] * jnp.where(q == 0, 0.0, q * nll), 0)
+    d_w = d_w.astype(hp.class_weights.dtype)
+  return Hyper(d_eps, d_z, d_cap, d_w)
+
+
+# --------------------------------------------------------------------------
+# reductions shared by every loss
+
+
+def reduce_rows(st: Stats, hp: Hyper, reduction: str) -> jax.Array:
+  """Applies ``reduction`` to the per-row terms of ``st``."""
+  z_rows = None
+  if hp.z_loss is not None:
+    z_rows = jnp.where(st.counted, jnp.square(st.lse), 0.0)
+  if reduction == "none":
+    return st.ce if z_rows is None else st.ce + hp.z_loss * z_rows
+  if reduction == "sum":
+    out = jnp.sum(st.ce)
+    return out if z_rows is None else out + hp.z_loss * jnp.sum(z_rows)
+  out = jnp.sum(st.ce) / _nonzero(jnp.sum(st.weight))
+  if z_rows is None:
+    return out
+  n = _nonzero(jnp.sum(st.counted.astype(st.ce.dtype)))
+  return out + hp.z_loss * jnp.sum(z_rows) / n
+
+
+def _nonzero(d):
+  # An all-ignored batch has a zero numerator too: its mean is 0, not NaN.
+  return jnp.where(d == 0, 1.0, d)
+
+
+def row_cotangents(st: Stats, reduction: str, g, is_int: bool
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row cotangents ``(c_ce, c_z, mean_ce)`` of a reduced loss.
+
+  ``mean_ce`` is the cross-entropy mean when the class weights enter the
+  denominator (``"mean"`` with integer labels), else 0.
+  """
+  g = jnp.asarray(g, st.ce.dtype)
+  zero = jnp.zeros((), st.ce.dtype)
+  if reduction == "mean":
+    d = _nonzero(jnp.sum(st.weight))
+    n = _nonzero(jnp.sum(st.counted.astype(st.ce.dtype)))
+    c_ce, c_z = g / d, g / n
+    mean_ce = jnp.sum(st.ce) / d if is_int else zero
+  else:
+    c_ce = c_z = g
+    mean_ce = zero
+  c_ce = jnp.where(st.counted, jnp.broadcast_to(c_ce, st.ce.shape), 0.0)
+  c_z = jnp.where(st.counted, jnp.broadcast_to(c_z, st.ce.shape), 0.0)
+  return c_ce, c_z, mean_ce
+
+
+# --------------------------------------------------------------------------
+# cross_entropy
+
+
+class _Config(NamedTuple):
+  reduction: str
+  is_int: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cross_entropy(cfg, z, target, row, cmask, hp):
+  return _cross_entropy_fwd(cfg, z, target, row, cmask, hp)[0]
+
+
+def _cross_entropy_fwd(cfg, z, target, row, cmask, hp):
+  st = row_stats(z, target, row, cmask, hp, cfg.is_int)
+  return reduce_rows(st, hp, cfg.reduction), (z, target, cmask, hp, st)
+
+
+def _cross_entropy_bwd(cfg, res, g):
+  z, target, cmask, hp, st = res
+  c_ce, c_z, mean_ce = row_cotangents(st, cfg.reduction, g, cfg.is_int)
+  dz = grad_logits(z, target, cmask, hp, cfg.is_int, st, c_ce, c_z)
+  dt = None
+  if not cfg.is_int:
+    dt = grad_target(z, target, cmask, hp, st, c_ce).astype(target.dtype)
+  dhp = grad_hyper(z, target, cmask, hp, cfg.is_int, st, c_ce, c_z, mean_ce)
+  return dz.astype(z.dtype), dt, None, None, dhp
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+class _Rows(NamedTuple):
+  """Logits laid out as ``(rows, classes)`` with their masks and labels."""
+
+  z: jax.Array
+  target: jax.Array
+  row: jax.Array
+  cmask: jax.Array | None
+  batch_shape: tuple[int, ...]
+  is_int: bool
+
+
+def _to_rows(logits, labels, axis, where, ignore_index, check_labels,
+             name: str = "logits") -> _Rows:
+  """Validates and lays out the arguments of a loss from logits."""
+  logits = _checks.as_float_array(logits, name)
+  if logits.ndim == 0:
+    raise ValueError(f"{name} must have at least one (class) axis; got a "
+                     "scalar.")
+  axes = _checks.normalize_axes(axis, logits.ndim)
+  batch_axes = tuple(a for a in range(logits.ndim) if a not in axes)
+  batch_shape = tuple(logits.shape[a] for a in batch_axes)
+  num_classes = 1
+  for a in axes:
+    num_classes *= logits.shape[a]
+  perm = batch_axes + axes
+
+  def class_layout(x):
+    return jnp.transpose(x, perm).reshape(-1, num_classes)
+
+  labels = jnp.asarray(labels)
+  is_int = bool(jnp.issubdtype(labels.dtype, jnp.integer))
+  if not is_int and not jnp.issubdtype(labels.dtype, jnp.floating):
+    raise TypeError(
+        "labels must be integer class indices or floating probabilities; "
+        f"got dtype {labels.dtype}.")
+  row = jnp.ones(batch_shape, bool)
+  cmask = None
+  if where is not None:
+    mask = _checks.as_bool_mask(where)
+    if mask.ndim == logits.ndim:
+      cmask = class_layout(_checks.broadcast_mask(mask, logits.shape,
+                                                  name))
+    else:
+      row = _checks.broadcast_mask(mask, batch_shape, "batch")
+  if is_int:
+    _checks.check_integer_labels(labels, batch_shape)
+    if ignore_index is not None:
+      row = row & (labels != ignore_index)
+    _checks.check_labels(labels, num_classes, ignore_index, check_labels,
+                         row if where is not None and cmask is None else None)
+    target = labels.reshape(-1)
+  else:
+    if labels.shape != logits.shape:
+      raise ValueError(
+          f"probability labels must have the logits' shape {logits.shape}; "
+          f"got {labels.shape}.")
+    target = class_layout(labels)
+  return _Rows(class_layout(logits), target, row.reshape(-1), cmask,
+               batch_shape, is_int)
+
+
+def cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: jax.typing.ArrayLike = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: jax.typing.ArrayLike = 0.0,
+    soft_cap: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    check_labels: bool = False,
+) -> jax.Array:
+  r"""Softmax cross-entropy from logits, with a hand-written gradient.
+
+  With ``p = softmax(z)`` over the support ``S`` (classes whose logit is not
+  ``-inf`` and not masked), ``K = |S|``, class weights ``w`` (default 1) and
+  smoothing ``eps``, the loss of a row with integer label ``y`` is
+
+  .. math::
+    \ell = (1-\varepsilon)\, w_y (-\log p_y)
+      + \frac{\varepsilon}{K} \sum_{c \in S} w_c (-\log p_c)
+
+  and with probability targets ``t`` (``q = (1-eps) t + eps/K`` on ``S``)
+
+  .. math::
+    \ell = -\sum_c w_c\, q_c \log p_c ,
+
+  computed as ``-log p_c = log sum_S exp(z - m) - (z_c - m)`` with ``m``
+  the row maximum. ``z_loss`` adds ``z_loss * lse**2`` per row;
+  ``soft_cap`` first maps ``z -> soft_cap * tanh(z / soft_cap)`` (``-inf``
+  stays ``-inf``), and lse and z-loss use the capped logits.
+
+  Reductions: ``"none"`` returns ``ℓ + z_loss * lse**2`` per row (0 on
+  uncounted rows); ``"sum"`` sums it; ``"mean"`` divides the summed ``ℓ``
+  by ``sum w_y`` over counted rows (integer labels; the row count for
+  probability targets) and the summed z-loss by the counted-row count. An
+  all-ignored batch gives 0. This is ``torch.nn.functional.cross_entropy``,
+  except that smoothing spreads over ``S`` only and the empty mean is 0.
+
+  The gradient is ``(a p - t_w) * cotangent`` per row, ``a`` the row's total
+  target weight and ``t_w`` the weighted target distribution (plus
+  ``2 z_loss lse p`` and the cap's ``1 - tanh**2`` factor). Hyperparameters
+  may be traced; their gradients are exact, and so is the gradient with
+  respect to probability targets (``(1-eps) w_c (-log p_c)`` on ``S``, 0
+  off it).
+
+  Args:
+    logits: ``(..., classes)`` floating logits (any dtype; computed in
+      float32 or wider).
+    labels: integer class indices of the logits' shape without the class
+      axis, or floating probabilities of the logits' shape.
+    axis: the class axis (int, or a tuple of axes flattened into one).
+    where: boolean mask. Of the logits' rank: a class mask (masked classes
+      act as ``-inf`` logits). Otherwise a row mask broadcast to the batch
+      shape. A row with no class left counts as ignored.
+    ignore_index: integer label whose rows are ignored.
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    class_weights: ``(classes,)`` weights ``w``.
+    z_loss: coefficient of ``lse**2``.
+    soft_cap: positive cap, or None.
+    reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    check_labels: also check traced integer labels, through
+      ``jax.experimental.checkify``: run the caller under
+      ``checkify.checkify(jax.jit(f))`` and call ``err.throw()``.
+
+  Returns:
+    A scalar (``"mean"``, ``"sum"``) or the batch-shaped per-row loss
+    (``"none"``), of dtype ``result_type(logits, float32)``.
+
+    Special values, per row: an uncounted row (masked, ``ignore_index``, no
+    class left) gives loss 0 and gradient exactly 0 whatever it holds; NaN
+    or ``+inf`` in a counted row gives NaN loss and gradient for that row
+    only; a target logit of ``-inf`` (or a masked target) gives ``+inf`` with
+    a finite gradient; ``-inf`` non-target logits get gradient 0; a label
+    outside ``[0, classes)`` that is not ``ignore_index`` gives NaN, and
+    raises ``ValueError`` naming it and its position when labels are
+    concrete (or with ``check_labels=True`` under checkify).
+
+  Raises:
+    TypeError: non-floating logits, labels neither integer nor floating,
+      non-boolean ``where``.
+    ValueError: bad ``axis``, shapes, ``reduction``, or a bad concrete
+      label.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax_softmax import cross_entropy
+    >>> logits = jnp.array([[1000.0, 0.0], [0.0, -1000.0]])
+    >>> cross_entropy(logits, jnp.array([1, 1]), reduction="none")
+    Array([1000., 1000.], dtype=float32)
+
+  Note:
+    A ``jax.custom_vjp`` function: reverse mode (``grad``, ``jacrev``,
+    grad-of-grad for Hessian-vector products) is supported, forward mode
+    (``jvp``, ``jacfwd``, ``jax.hessian``) is not.
+  """
+  _checks.check_reduction(reduction)
+  r = _to_rows(logits, labels, axis, where, ignore_index, check_labels)
+  hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
+                  r.z.shape[-1], compute_dtype(r.z.dtype))
+  out = _cross_entropy(_Config(reduction, r.is_int), r.z, r.target, r.row,
+                       r.cmask, hp)
+  return out.reshape(r.batch_shape) if reduction == "none" else out
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  """Drop-in for ``optax.softmax_cross_entropy_with_integer_labels``.
+
+  Per-example ``-log softmax(logits)[label]`` of the batch shape, through
+  :func:`cross_entropy` (``reduction="none"``). Same signature and results
+  as optax wherever optax's result is finite and correct; departures: a
+  label outside ``[0, classes)`` gives NaN (optax wraps negative labels and
+  clips large ones), a masked target class gives ``+inf``, and the loss is
+  float32 for bfloat16/float16 logits.
+  """
+  return cross_entropy(logits, labels, axis=axis, where=where,
+                       reduction="none")
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  """Drop-in for ``optax.softmax_cross_entropy`` (probability labels).
+
+  ``-sum_c labels_c log softmax(logits)_c`` per example, through
+  :func:`cross_entropy` (``reduction="none"``). Departures from optax:
+  ``-inf`` logits on classes with zero target mass give a finite loss
+  (optax: NaN), target mass on a masked or ``-inf`` class gives ``+inf``,
+  and the loss is float32 for bfloat16/float16 logits. The gradient with
+  respect to ``labels`` is exact.
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.floating):
+    raise TypeError(f"labels must be floating probabilities; got dtype "
+                    f"{labels.dtype}.")
+  return cross_entropy(logits, labels, axis=axis, where=where,
+                       reduction="none")
+
+
+# --------------------------------------------------------------------------
+# nll_loss
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _nll(reduction, lp, y, row, cmask, hp):
+  return _nll_fwd(reduction, lp, y, row, cmask, hp)[0]
+
+
+def _nll_fwd(reduction, lp, y, row, cmask, hp):
+  num_classes = lp.shape[-1]
+  yc = jnp.clip(y, 0, num_classes - 1)
+  counted = row if cmask is None else row & jnp.any(cmask, axis=-1)
+  bad = counted & ((y < 0) | (y >= num_classes))
+  lp_y = jnp.take_along_axis(lp, yc[:, None], axis=-1)[:, 0]
+  lp_y = lp_y.astype(compute_dtype(lp.dtype))
+  if cmask is not None:
+    lp_y = jnp.where(jnp.take_along_axis(cmask, yc[:, None], -1)[:, 0],
+                     lp_y, _NEG_INF)
+  w_y = _weighted(jnp.ones_like(lp_y), hp, yc)
+  nll = jnp.where(counted, jnp.where(bad, jnp.nan, -w_y * lp_y), 0.0)
+  zero = jnp.zeros_like(nll)
+  st = Stats(zero, nll, counted, jnp.where(counted, w_y, 0.0), zero, zero,
+             bad)
+  return reduce_rows(st, hp, reduction), (lp, y, cmask, hp, st, lp_y)
+
+
+def _nll_bwd(reduction, res, g):
+  lp, y, cmask, hp, st, lp_y = res
+  c, _, mean = row_cotangents(st, reduction, g, True)
+  yc = jnp.clip(y, 0, lp.shape[-1] - 1)
+  w_y = _weighted(jnp.ones_like(c), hp, yc)
+  onehot = jnp.arange(lp.shape[-1])[None, :] == y[:, None]
+  d = jnp.where(onehot, -(c * w_y)[:, None], 0.0)
+  if cmask is not None:
+    d = jnp.where(cmask, d, 0.0)
+  nan_row = st.counted & jnp.isnan(st.ce)
+  d = jnp.where(nan_row[:, None], jnp.nan, d)
+  d_w = None
+  if hp.class_weights is not None:
+    d_w = jax.ops.segment_sum(c * (-lp_y - mean), yc,
+                              num_segments=lp.shape[-1])
+    d_w = d_w.astype(hp.class_weights.dtype)
+  return d.astype(lp.dtype), None, None, None, Hyper(class_weights=d_w)
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+def nll_loss(
+    log_probs: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    check_labels: bool = False,
+) -> jax.Array:
+  r"""Negative log-likelihood of integer labels under given log-probabilities.
+
+  .. math::
+    \ell = -w_y \log p_y
+
+  ``"mean"`` divides the sum over counted rows by ``sum w_y`` over counted
+  rows (PyTorch's ``F.nll_loss``); an all-ignored batch gives 0. The
+  gradient is ``-w_y`` at the label (times the cotangent), 0 elsewhere.
+
+  Args:
+    log_probs: ``(..., classes)`` log-probabilities (e.g. from
+      :func:`log_softmax`).
+    labels: integer labels of the batch shape.
+    axis, where, ignore_index, class_weights, reduction, check_labels: as in
+      :func:`cross_entropy` (a masked target class gives ``+inf``).
+
+  Returns:
+    Scalar or per-row loss of dtype ``result_type(log_probs, float32)``. A
+    ``-inf`` target log-probability gives ``+inf``; NaN at the target or a
+    bad label gives NaN loss and gradient for that row; uncounted rows give
+    0 and gradient 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax_softmax import log_softmax, nll_loss
+    >>> nll_loss(log_softmax(jnp.array([[0.0, 0.0]])), jnp.array([0]))
+    Array(0.6931472, dtype=float32)
+  """
+  _checks.check_reduction(reduction)
+  r = _to_rows(log_probs, labels, axis, where, ignore_index, check_labels,
+               name="log_probs")
+  if not r.is_int:
+    raise TypeError("nll_loss takes integer labels; got dtype "
+                    f"{jnp.asarray(labels).dtype}.")
+  hp = make_hyper(0.0, 0.0, None, class_weights, r.z.shape[-1],
+                  compute_dtype(r.z.dtype))
+  out = _nll(reduction, r.z, r.target, r.row, r.cmask, hp)
+  return out.reshape(r.batch_shape) if reduction == "none" else out

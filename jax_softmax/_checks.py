@@ -38,7 +38,8 @@ def normalize_axes(axis: Axis | None, ndim: int, name: str = "axis"
   out = []
   for a in axes:
     if not isinstance(a, (int, np.integer)):
-      raise TypeError(f"{name} must be an int or a tuple of ints; got {axis!r}.")
+      raise TypeError(
+          f"{name} must be an int or a tuple of ints; got {axis!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(
           f"{name}={axis!r} is out of range for an array of rank {ndim} "
@@ -111,16 +112,17 @@ def check_labels(labels: jax.Array, num_classes: int,
     return
   if not checked:
     return
-  bad = (labels < 0) | (labels >= num_classes)
+  traced_bad = (labels < 0) | (labels >= num_classes)
   if ignore_index is not None:
-    bad &= labels != ignore_index
+    traced_bad &= labels != ignore_index
   if rows is not None:
-    bad &= rows
-  flat = bad.reshape(-1)
+    traced_bad &= rows
+  flat = traced_bad.reshape(-1)
   first = jnp.argmax(flat)
-  pos = jnp.stack(jnp.unravel_index(first, bad.shape)) if bad.ndim else first
+  where = (jnp.stack(jnp.unravel_index(first, traced_bad.shape))
+           if traced_bad.ndim else first)
   checkify.check(~jnp.any(flat), bad_msg, label=labels.reshape(-1)[first],
-                 pos=pos)
+                 pos=where)
 
 
 def check_integer_labels(labels: jax.Array, batch_shape: tuple[int, ...]

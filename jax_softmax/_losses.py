@@ -263,19 +263,18 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
 
 def reduce_rows(st: Stats, hp: Hyper, reduction: str) -> jax.Array:
   """Applies ``reduction`` to the per-row terms of ``st``."""
-  z_rows = None
-  if hp.z_loss is not None:
-    z_rows = jnp.where(st.counted, jnp.square(st.lse), 0.0)
+  ce = st.ce if reduction == "none" else jnp.sum(st.ce)
+  if reduction == "mean":
+    ce = ce / _nonzero(jnp.sum(st.weight))
+  if hp.z_loss is None:
+    return ce
+  z_rows = jnp.where(st.counted, st.lse * st.lse, 0.0)
   if reduction == "none":
-    return st.ce if z_rows is None else st.ce + hp.z_loss * z_rows
-  if reduction == "sum":
-    out = jnp.sum(st.ce)
-    return out if z_rows is None else out + hp.z_loss * jnp.sum(z_rows)
-  out = jnp.sum(st.ce) / _nonzero(jnp.sum(st.weight))
-  if z_rows is None:
-    return out
-  n = _nonzero(jnp.sum(st.counted.astype(st.ce.dtype)))
-  return out + hp.z_loss * jnp.sum(z_rows) / n
+    return ce + hp.z_loss * z_rows
+  z_sum = jnp.sum(z_rows)
+  if reduction == "mean":
+    z_sum = z_sum / _nonzero(jnp.sum(st.counted.astype(st.ce.dtype)))
+  return ce + hp.z_loss * z_sum
 
 
 def _nonzero(d):

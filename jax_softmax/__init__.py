@@ -4,6 +4,7 @@ Every public function is pure, jittable and vmappable, and carries a
 hand-written ``jax.custom_vjp`` gradient (reverse mode only).
 """
 
+from jax_softmax._fused import linear_cross_entropy
 from jax_softmax._linear import linear_softmax_loss, softmax_with_gradients
 from jax_softmax._losses import (
     cross_entropy,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "cross_entropy",
+    "linear_cross_entropy",
     "linear_softmax_loss",
     "log_softmax",
     "logsumexp",

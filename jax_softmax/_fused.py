@@ -1,0 +1,340 @@
+"""Fused linear cross-entropy: the loss of ``x @ w`` without the logits.
+
+Rows are processed in chunks of ``c`` rows (``lax.scan``); a chunk's logits
+``(c, V)`` live only inside one step. Two gradient strategies:
+
+* **gradient in the forward pass** (scalar reductions): each step also forms
+  ``g = d loss / d z`` for its chunk and does ``dx_c = g w^T`` and
+  ``dw += x_c^T g`` (float32 accumulator). Residuals are ``dx``, ``dw``
+  (and ``dbias``); the backward pass only scales them by the incoming
+  cotangent. Three matmuls in all, the minimum.
+* **recompute in the backward pass** (``reduction="none"``,
+  ``grad_in_forward=False``, or differentiated hyperparameters): residuals
+  are ``x``, ``w``, ``bias`` and per-row statistics (``lse`` and a few
+  ``(b,)`` vectors); the backward recomputes each chunk's logits (four
+  matmuls) and honours any per-row cotangent.
+
+Inputs that are not differentiated are seen in the forward pass
+(``symbolic_zeros=True``) and their gradient matmul is skipped. The row
+math is ``_losses``' kernel, shared with :func:`cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from jax_softmax import _checks, _losses
+from jax_softmax._primitives import compute_dtype
+
+#: Bytes of chunk temporaries aimed at when ``chunk_size`` is None: a chunk
+#: holds about three float32 ``(c, V)`` arrays (logits, exp, gradient).
+CHUNK_BUDGET_BYTES = 128 * 2**20
+
+
+def default_chunk_size(num_rows: int, vocab: int) -> int:
+  """Rows per chunk so that ``3 * 4 * c * V <= CHUNK_BUDGET_BYTES``.
+
+  A multiple of 8 (at least 8), at most ``num_rows``; if a divisor of
+  ``num_rows`` lies within a factor 2 below that, it is taken instead so no
+  padding is needed.
+  """
+  c = max(8, CHUNK_BUDGET_BYTES // (12 * max(vocab, 1)))
+  c -= c % 8
+  if c >= num_rows:
+    return max(num_rows, 1)
+  for cand in range(c, c // 2, -1):
+    if num_rows % cand == 0:
+      return cand
+  return c
+
+
+class _Cfg(NamedTuple):
+  reduction: str
+  chunk: int
+  grad_in_forward: bool | None
+
+
+def _logits(x_c, w, bias):
+  """``(c, V)`` float32 logits of one chunk (input dtype, f32 accumulate)."""
+  z = lax.dot_general(x_c, w, (((1,), (0,)), ((), ())),
+                      preferred_element_type=compute_dtype(x_c.dtype))
+  return z if bias is None else z + bias.astype(z.dtype)
+
+
+def _matmuls(x_c, w, dz, need_dx, need_dw):
+  """``dx_c = dz w^T`` and ``x_c^T dz`` (float32 accumulation)."""
+  f32 = dz.dtype
+  dz = dz.astype(x_c.dtype)
+  dx = dw = None
+  if need_dx:
+    dx = lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
+                         preferred_element_type=f32).astype(x_c.dtype)
+  if need_dw:
+    dw = lax.dot_general(x_c, dz, (((0,), (0,)), ((), ())),
+                         preferred_element_type=f32)
+  return dx, dw
+
+
+def _chunks(a, chunk):
+  return a.reshape((-1, chunk) + a.shape[1:])
+
+
+def _flat(a):
+  return a.reshape((-1,) + a.shape[2:])
+
+
+def _add(acc, upd):
+  return acc if upd is None else acc + upd
+
+
+def _stats_all(x, w, bias, y, row, hp, chunk):
+  """Per-row statistics of all rows, loss only (no gradient work)."""
+
+  def step(_, inp):
+    x_c, y_c, r_c = inp
+    return None, _losses.row_stats(_logits(x_c, w, bias), y_c, r_c, None, hp,
+                                   True)
+
+  _, st = lax.scan(step, None, (_chunks(x, chunk), _chunks(y, chunk),
+                                _chunks(row, chunk)))
+  return jax.tree.map(_flat, st)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(cfg, x, w, bias, y, row, hp):
+  st = _stats_all(x, w, bias, y, row, hp, cfg.chunk)
+  return _losses.reduce_rows(st, hp, cfg.reduction)
+
+
+def _unwrap(tree):
+  is_p = lambda t: isinstance(t, CustomVJPPrimal)  # noqa: E731
+  values = jax.tree.map(lambda t: t.value, tree, is_leaf=is_p)
+  perturbed = any(t.perturbed for t in jax.tree.leaves(tree, is_leaf=is_p))
+  return values, perturbed
+
+
+def _fused_fwd(cfg, *args):
+  (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on) = (
+      _unwrap(a) for a in args)
+  in_forward = (cfg.reduction != "none" and not hp_on
+                and cfg.grad_in_forward is not False)
+  if not in_forward:
+    st = _stats_all(x, w, bias, y, row, hp, cfg.chunk)
+    loss = _losses.reduce_rows(st, hp, cfg.reduction)
+    return loss, (False, (x, w, bias, y, row, hp, st), (dx_on, dw_on, db_on,
+                                                       hp_on))
+  # Per-row cotangents of a unit output cotangent need the mean's
+  # denominators before the loop: a row is counted iff it is unmasked and
+  # its support is non-empty, which only an all--inf bias can prevent.
+  nonempty = True if bias is None else jnp.any(bias != -jnp.inf)
+  counted = row & nonempty
+  dtype = compute_dtype(x.dtype)
+  w_y = _losses._weighted(jnp.ones(y.shape, dtype), hp,
+                          jnp.clip(y, 0, w.shape[1] - 1))
+  zero = jnp.zeros(y.shape, dtype)
+  pre = _losses.Stats(zero, zero, counted, jnp.where(counted, w_y, 0.0),
+                      zero, zero, zero.astype(bool))
+  c_ce, c_z, _ = _losses.row_cotangents(pre, cfg.reduction, 1.0, True)
+  chunk = cfg.chunk
+
+  def step(carry, inp):
+    dw_acc, db_acc = carry
+    x_c, y_c, r_c, cce_c, cz_c = inp
+    z = _logits(x_c, w, bias)
+    st = _losses.row_stats(z, y_c, r_c, None, hp, True)
+    dz = _losses.grad_logits(z, y_c, None, hp, True, st, cce_c, cz_c)
+    dx_c, dw_c = _matmuls(x_c, w, dz, dx_on, dw_on)
+    if dw_on:
+      dw_acc = dw_acc + dw_c
+    if db_on:
+      db_acc = db_acc + jnp.sum(dz, axis=0)
+    return (dw_acc, db_acc), (st, dx_c)
+
+  init = (jnp.zeros(w.shape, dtype) if dw_on else None,
+          jnp.zeros(w.shape[1], dtype) if db_on else None)
+  (dw, db), (st, dx) = lax.scan(
+      step, init, tuple(_chunks(a, chunk) for a in (x, y, row, c_ce, c_z)))
+  st = jax.tree.map(_flat, st)
+  loss = _losses.reduce_rows(st, hp, cfg.reduction)
+  grads = (None if dx is None else _flat(dx),
+           None if dw is None else dw.astype(w.dtype),
+           None if db is None else db.astype(bias.dtype))
+  return loss, (True, grads, None)
+
+
+def _fused_bwd(cfg, res, g):
+  in_forward, saved, flags = res
+  if isinstance(g, SymbolicZero):
+    g = jnp.zeros(g.shape, g.dtype)
+  if in_forward:
+    dx, dw, db = (None if a is None else (g * a).astype(a.dtype)
+                  for a in saved)
+    return dx, dw, db, None, None, None
+  x, w, bias, y, row, hp, st = saved
+  dx_on, dw_on, db_on, hp_on = flags
+  c_ce, c_z, mean_ce = _losses.row_cotangents(st, cfg.reduction, g, True)
+  chunk = cfg.chunk
+  dtype = compute_dtype(x.dtype)
+
+  def step(carry, inp):
+    dw_acc, db_acc, dh_acc = carry
+    x_c, y_c, cce_c, cz_c, st_c = inp
+    z = _logits(x_c, w, bias)
+    dz = _losses.grad_logits(z, y_c, None, hp, True, st_c, cce_c, cz_c)
+    dx_c, dw_c = _matmuls(x_c, w, dz, dx_on, dw_on)
+    if dw_on:
+      dw_acc = dw_acc + dw_c
+    if db_on:
+      db_acc = db_acc + jnp.sum(dz, axis=0)
+    if hp_on:
+      dh = _losses.grad_hyper(z, y_c, None, hp, True, st_c, cce_c, cz_c,
+                              mean_ce)
+      dh_acc = jax.tree.map(_add, dh_acc, dh)
+    return (dw_acc, db_acc, dh_acc), dx_c
+
+  dh0 = jax.tree.map(jnp.zeros_like, hp) if hp_on else None
+  init = (jnp.zeros(w.shape, dtype) if dw_on else None,
+          jnp.zeros(w.shape[1], dtype) if db_on else None, dh0)
+  xs = (_chunks(x, chunk), _chunks(y, chunk), _chunks(c_ce, chunk),
+        _chunks(c_z, chunk), jax.tree.map(lambda a: _chunks(a, chunk), st))
+  (dw, db, dh), dx = lax.scan(step, init, xs)
+  return (None if dx is None else _flat(dx),
+          None if dw is None else dw.astype(w.dtype),
+          None if db is None else db.astype(bias.dtype), None, None, dh)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def linear_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: jax.typing.ArrayLike = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: jax.typing.ArrayLike = 0.0,
+    soft_cap: jax.typing.ArrayLike | None = None,
+    grad_in_forward: bool | None = None,
+    axis_name: str | None = None,
+    batch_axis_name: str | None = None,
+) -> jax.Array:
+  r"""``cross_entropy(x @ w + bias, labels, ...)`` without the logits.
+
+  Same value and gradients as :func:`cross_entropy` on the logits
+  ``z = x @ w + bias`` for every option, but the ``(batch, V)`` logits are
+  never held: rows are processed in chunks of ``chunk_size``, and a chunk's
+  ``(chunk, V)`` logits, softmax and gradient live only inside one step.
+
+  Cost. For ``"mean"``/``"sum"`` the gradient is computed in the forward
+  pass: ``x w``, ``g w^T`` and ``x^T g`` per chunk, the three-matmul floor
+  ``6 b d V`` FLOPs; residuals are ``dx``, ``dw``, ``dbias``. With
+  ``reduction="none"`` (per-row cotangents are honoured),
+  ``grad_in_forward=False`` (small residuals: ``x``, ``w``, ``(b,)``
+  statistics, e.g. under remat), or differentiated hyperparameters, the
+  backward pass recomputes the logits (four matmuls). A call that is not
+  differentiated computes the loss only. A frozen ``x`` or ``w`` skips its
+  gradient matmul.
+
+  Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
+  float32 ``dw`` accumulator ``(d, V)``; ``chunk_size=None`` picks
+  ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
+  batch that no chunk divides is padded (a copy of ``x``, never of ``w``).
+
+  Precision: matmuls take the inputs' dtype with float32 accumulation
+  (``preferred_element_type``); the softmax math, ``dw`` and ``dbias``
+  accumulate in float32; gradients come back in their inputs' dtypes, the
+  loss in ``result_type(x, float32)``.
+
+  Args:
+    x: ``(..., d)`` features (leading batch dimensions allowed).
+    w: ``(d, V)`` weights; a tied ``(V, d)`` embedding is passed as
+      ``emb.T`` (no copy is made).
+    labels: integer labels of ``x``'s batch shape.
+    bias: optional ``(V,)``; a ``-inf`` entry masks that vocabulary slot.
+    chunk_size: rows per chunk, or None for the memory budget.
+    reduction, where, ignore_index, label_smoothing, class_weights, z_loss,
+      soft_cap: as in :func:`cross_entropy` (``where`` is a row mask of the
+      labels' shape).
+    grad_in_forward: None chooses (True for scalar reductions); False
+      forces recomputation in the backward pass; True with
+      ``reduction="none"`` is an error.
+    axis_name, batch_axis_name: reserved for the vocabulary-parallel
+      version (not implemented yet: passing them raises).
+
+  Returns:
+    A scalar, or the per-row loss of the labels' shape for ``"none"``.
+    Special values follow :func:`cross_entropy`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_softmax import cross_entropy, linear_cross_entropy
+    >>> x = jax.random.normal(jax.random.key(0), (10, 4))
+    >>> w = jax.random.normal(jax.random.key(1), (4, 50))
+    >>> y = jnp.arange(10)
+    >>> fused = linear_cross_entropy(x, w, y, chunk_size=4)
+    >>> bool(jnp.allclose(fused, cross_entropy(x @ w, y)))
+    True
+  """
+  if axis_name is not None or batch_axis_name is not None:
+    raise NotImplementedError(
+        "axis_name / batch_axis_name (vocabulary-parallel and global-batch "
+        "reductions) are not implemented yet.")
+  _checks.check_reduction(reduction)
+  if grad_in_forward and reduction == "none":
+    raise ValueError("grad_in_forward=True needs a scalar reduction ('mean' "
+                     "or 'sum'); reduction='none' recomputes in backward.")
+  x = _checks.as_float_array(x, "x")
+  w = _checks.as_float_array(w, "w")
+  if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"expected x of shape (..., d) and w of shape (d, V); "
+                     f"got x {x.shape} and w {w.shape}.")
+  dtype = jnp.result_type(x.dtype, w.dtype)
+  x, w = x.astype(dtype), w.astype(dtype)
+  batch_shape = x.shape[:-1]
+  vocab = w.shape[1]
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integer class ids; got {labels.dtype}.")
+  _checks.check_integer_labels(labels, batch_shape)
+  if bias is not None:
+    bias = _checks.as_float_array(bias, "bias")
+    if bias.shape != (vocab,):
+      raise ValueError(f"bias must have shape ({vocab},); got {bias.shape}.")
+  row = jnp.ones(batch_shape, bool)
+  if where is not None:
+    row = _checks.broadcast_mask(_checks.as_bool_mask(where), batch_shape,
+                                 "batch")
+  if ignore_index is not None:
+    row = row & (labels != ignore_index)
+  _checks.check_labels(labels, vocab, ignore_index, False,
+                       row if where is not None else None)
+  hp = _losses.make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
+                          vocab, compute_dtype(dtype))
+  n = math.prod(batch_shape)
+  x2, y2, row2 = x.reshape(n, -1), labels.reshape(n), row.reshape(n)
+  chunk = chunk_size or default_chunk_size(n, vocab)
+  if chunk < 1:
+    raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
+  pad = -n % chunk
+  if pad:
+    x2 = jnp.pad(x2, ((0, pad), (0, 0)))
+    y2 = jnp.pad(y2, (0, pad))
+    row2 = jnp.pad(row2, (0, pad))
+  out = _fused(_Cfg(reduction, chunk, grad_in_forward), x2, w, bias, y2,
+               row2, hp)
+  if reduction == "none":
+    out = out[:n].reshape(batch_shape)
+  return out

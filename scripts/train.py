@@ -1,0 +1,401 @@
+"""Train a softmax classifier with optax; resumable, data-parallel.
+
+    python scripts/train.py                       # linear model on digits
+    python scripts/train.py --model mlp --out runs/mlp
+
+Data: scikit-learn's bundled ``load_digits`` (no download) or ``--data
+FILE.npz`` (arrays ``X`` ``(n, d)`` and ``y`` ``(n,)``), split 75/25 with a
+fixed seed and standardized with the training split's statistics. Models:
+``linear`` (``jax_softmax.linear_softmax_loss``, the seed's ``W`` of shape
+``(d, classes)``) or ``mlp`` (one ReLU hidden layer, loss through
+``jax_softmax.cross_entropy``); ``--reg`` adds ``reg * sum(W**2)`` over the
+weight matrices. Batches are sharded over a 1-D mesh axis ``"data"``; the
+last batch is padded to the full batch size and its padded rows are masked
+out through ``where``, so every step's loss is the exact mean over real rows
+and one program is compiled. ``lbfgs`` works on the full training set and
+counts one iteration as an epoch.
+
+``--out`` receives ``metrics.json`` (rewritten after every epoch),
+``curves.png`` and ``checkpoints/epoch_NNNN.npz``. ``train_loss`` and
+``test_loss`` are the mean cross-entropy over the whole split after each
+epoch, without the ``--reg`` term.
+
+Checkpoint format: one ``.npz`` per epoch holding the parameter and
+optimizer-state leaves (flattened with ``jax.tree_util``, in tree order;
+the tree structure is rebuilt from a fresh ``init`` of the same model and
+optimizer), the epoch, the seed and settings, and the metric history. Why
+not orbax-checkpoint: the state is a few small arrays on one host, and npz
+needs no dependency beyond NumPy, stores each array's raw bytes (float32
+parameters and optimizer moments come back bit for bit, so a resumed run
+ends with exactly the metrics of an uninterrupted one), and fits in a single
+file, which makes it atomic: it is written to a temporary file in the same
+directory, fsynced, then ``os.replace``d onto its final name, so a kill at
+any moment, even mid-write, leaves either the previous checkpoints or the
+complete new one. Data order is a pure function of ``(seed, epoch)``, so no
+RNG state needs saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from jax_softmax import cross_entropy, linear_softmax_loss
+
+DEFAULT_LR = {"adam": 0.01, "sgd": 0.1, "lbfgs": 1.0}
+SPLIT_SEED = 0
+TEST_FRACTION = 0.25
+HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+# Settings that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("epochs",)
+
+
+# ----------------------------------------------------------------- flags
+def _positive(kind):
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected a {kind.__name__}, got {text!r}") from None
+    if not value > 0:
+      raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+  return parse
+
+
+def _non_negative_float(text):
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected a float, got {text!r}") from None
+  if not value >= 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+  return value
+
+
+def _mesh(text):
+  name, _, size = text.partition("=")
+  if name != "data" or not size.isdigit() or int(size) < 1:
+    raise argparse.ArgumentTypeError(
+        f"expected data=N with N >= 1, got {text!r}")
+  return int(size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="train.py",
+      description="Train a softmax classifier (linear or one-hidden-layer "
+      "MLP) with optax on scikit-learn's digits or your own data. Resumable: "
+      "rerun the same command with the same --out after an interruption.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument(
+      "--model", choices=("linear", "mlp"), default="linear",
+      help="linear: logits = X @ W (jax_softmax.linear_softmax_loss); "
+      "mlp: one ReLU hidden layer of --hidden units (jax_softmax."
+      "cross_entropy)")
+  parser.add_argument(
+      "--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
+      help="optax optimizer; lbfgs is full-batch with a zoom line search "
+      "and runs one iteration per epoch (--batch-size is ignored)")
+  parser.add_argument(
+      "--lr", type=_positive(float), default=None,
+      help="learning rate; default " + ", ".join(
+          f"{v:g} for {k}" for k, v in DEFAULT_LR.items()))
+  parser.add_argument("--epochs", type=_positive(int), default=30,
+                      help="passes over the training split")
+  parser.add_argument(
+      "--batch-size", type=_positive(int), default=128,
+      help="rows per step, rounded up to a multiple of the device count")
+  parser.add_argument(
+      "--seed", type=int, default=0,
+      help="seeds parameter initialization and the per-epoch data order "
+      "(the train/test split is fixed)")
+  parser.add_argument("--reg", type=_non_negative_float, default=1e-3,
+                      help="L2 penalty reg * sum(W**2) on weight matrices")
+  parser.add_argument("--hidden", type=_positive(int), default=128,
+                      help="hidden units of --model mlp")
+  parser.add_argument(
+      "--data", type=Path, default=None, metavar="FILE.npz",
+      help="train on FILE.npz (arrays X (n, d) and integer labels y (n,) in "
+      "[0, classes)) instead of the digits data set")
+  parser.add_argument(
+      "--out", type=Path, default=None, metavar="DIR",
+      help="output directory for metrics.json, curves.png and checkpoints/ "
+      "(default: runs/<timestamp>); an existing run there is resumed")
+  parser.add_argument(
+      "--mesh", type=_mesh, default=None, metavar="data=N",
+      help="shard batches over the first N local devices (default: all)")
+  return parser
+
+
+# ------------------------------------------------------------------ data
+def load_data(path: Path | None):
+  """Returns standardized (X_train, y_train, X_test, y_test, classes)."""
+  if path is None:
+    from sklearn.datasets import load_digits
+    X, y = load_digits(return_X_y=True)
+  else:
+    with np.load(path, allow_pickle=False) as f:
+      X, y = f["X"], f["y"]
+  if X.ndim != 2 or y.shape != X.shape[:1] or len(y) < 2:
+    raise ValueError(f"need X (n, d) and y (n,) with n >= 2, got X "
+                     f"{X.shape} and y {y.shape}")
+  if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+    raise ValueError(f"y must hold integer labels >= 0, got {y.dtype} "
+                     f"with minimum {y.min()}")
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+  n_test = max(1, round(TEST_FRACTION * len(y)))
+  test, train = order[:n_test], order[n_test:]
+  X = X.astype(np.float32)
+  mean, std = X[train].mean(0), X[train].std(0)
+  X = (X - mean) / np.where(std > 0, std, 1)
+  y = y.astype(np.int32)
+  return X[train], y[train], X[test], y[test], int(y.max()) + 1
+
+
+def put_rows(X, y, size, sharding):
+  """Pads (X, y) to `size` rows, masks the padding, shards rows."""
+  pad = size - len(y)
+  mask = np.arange(size) < len(y)
+  return jax.device_put(
+      (np.pad(X, ((0, pad), (0, 0))), np.pad(y, (0, pad)), mask), sharding)
+
+
+# ----------------------------------------------------------------- model
+def init_params(model, seed, d, classes, hidden):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
+  if model == "linear":
+    return {"W": 0.01 * normal(d, classes)}
+  return {"W1": normal(d, hidden) * np.float32(np.sqrt(2 / d)),
+          "b1": np.zeros(hidden, np.float32),
+          "W2": normal(hidden, classes) * np.float32(np.sqrt(1 / hidden)),
+          "b2": np.zeros(classes, np.float32)}
+
+
+def logits_fn(params, X):
+  if "W" in params:
+    return X @ params["W"]
+  h = jax.nn.relu(X @ params["W1"] + params["b1"])
+  return h @ params["W2"] + params["b2"]
+
+
+def make_loss(reg):
+  """Training objective: masked mean NLL plus the L2 penalty."""
+  def loss(params, X, y, mask):
+    if "W" in params:
+      return linear_softmax_loss(params["W"], X, y, reg, where=mask)
+    l2 = sum(jnp.sum(params[k] ** 2) for k in ("W1", "W2"))
+    return cross_entropy(logits_fn(params, X), y, where=mask) + reg * l2
+  return loss
+
+
+def make_optimizer(name, lr):
+  if name == "adam":
+    return optax.adam(lr)
+  if name == "sgd":
+    return optax.sgd(lr, momentum=0.9)
+  return optax.lbfgs(lr)
+
+
+def make_step(loss, optimizer, lbfgs):
+  def step(params, state, X, y, mask):
+    value_fn = lambda p: loss(p, X, y, mask)  # noqa: E731
+    if lbfgs:
+      value, grad = optax.value_and_grad_from_state(value_fn)(
+          params, state=state)
+      updates, state = optimizer.update(
+          grad, state, params, value=value, grad=grad, value_fn=value_fn)
+    else:
+      value, grad = jax.value_and_grad(value_fn)(params)
+      updates, state = optimizer.update(grad, state, params)
+    return optax.apply_updates(params, updates), state, value
+  return jax.jit(step)
+
+
+@jax.jit
+def evaluate(params, X, y, mask):
+  logits = logits_fn(params, X)
+  hits = jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+  return cross_entropy(logits, y, where=mask), hits / jnp.sum(mask)
+
+
+# ----------------------------------------------------------- checkpoints
+def atomic_write(path: Path, write) -> None:
+  """Calls write(file) on a temp file, fsyncs it, renames it onto path."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+  dir_fd = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(dir_fd)  # make the rename itself durable
+  finally:
+    os.close(dir_fd)
+
+
+def save_checkpoint(ckpt_dir, epoch, params, state, config, history):
+  arrays = {"epoch": np.int64(epoch), "seed": np.int64(config["seed"]),
+            "config": np.str_(json.dumps(config, sort_keys=True))}
+  for prefix, tree in (("params", params), ("opt_state", state)):
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+      arrays[f"{prefix}/{i}"] = np.asarray(leaf)
+  for key in HISTORY_KEYS:
+    arrays[f"history/{key}"] = np.asarray(history[key], np.float64)
+  atomic_write(ckpt_dir / f"epoch_{epoch:04d}.npz",
+               lambda f: np.savez(f, **arrays))
+
+
+def load_checkpoint(path, params, state):
+  """Returns (epoch, config, params, state, history) with templates' trees."""
+  with np.load(path, allow_pickle=False) as f:
+    def restore(prefix, template):
+      leaves, treedef = jax.tree_util.tree_flatten(template)
+      return treedef.unflatten(
+          [jnp.asarray(f[f"{prefix}/{i}"], leaf.dtype)
+           for i, leaf in enumerate(leaves)])
+    history = {k: [float(v) for v in f[f"history/{k}"]]
+               for k in HISTORY_KEYS}
+    return (int(f["epoch"]), json.loads(str(f["config"])),
+            restore("params", params), restore("opt_state", state), history)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+  for stale in ckpt_dir.glob("*.tmp"):  # left by a kill mid-write
+    stale.unlink()
+  paths = sorted(ckpt_dir.glob("epoch_*.npz"))
+  return paths[-1] if paths else None
+
+
+def write_outputs(out, history, config, backend, final=True):
+  last = {k: v[-1] for k, v in history.items()}
+  metrics = {**last, "epochs_completed": len(history["train_loss"]),
+             "backend": backend, "config": config, "history": history}
+  atomic_write(out / "metrics.json",
+               lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+  if final:
+    atomic_write(out / "curves.png", lambda f: plot(history, f))
+
+
+def plot(history, f):
+  from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+  fig = Figure(figsize=(9, 3.5), layout="constrained")
+  epochs = range(1, len(history["train_loss"]) + 1)
+  for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"),
+                        strict=True):
+    for split in ("train", "test"):
+      ax.plot(epochs, history[f"{split}_{metric}"], label=split)
+    ax.set(xlabel="epoch", ylabel=metric, title=metric)
+    ax.legend()
+  fig.savefig(f, format="png", dpi=100)
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  devices = jax.local_devices()
+  n_dev = len(devices) if args.mesh is None else args.mesh
+  if n_dev > len(devices):
+    parser.error(f"--mesh data={n_dev}: only {len(devices)} local devices")
+  try:
+    X_train, y_train, X_test, y_test, classes = load_data(args.data)
+  except (OSError, KeyError, ValueError) as e:
+    parser.error(f"--data {args.data}: {e}")
+  lbfgs = args.optimizer == "lbfgs"
+  n, d = X_train.shape
+  size = -(-min(args.batch_size, n) // n_dev) * n_dev  # multiple of n_dev
+  config = {
+      "model": args.model, "optimizer": args.optimizer,
+      "lr": args.lr or DEFAULT_LR[args.optimizer], "epochs": args.epochs,
+      "batch_size": None if lbfgs else size, "seed": args.seed,
+      "reg": args.reg, "hidden": args.hidden if args.model == "mlp" else None,
+      "data": str(args.data or "sklearn digits"), "devices": n_dev}
+  out = args.out or Path("runs", time.strftime("%Y%m%d-%H%M%S"))
+  ckpt_dir = out / "checkpoints"
+  ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+  backend = jax.default_backend()
+  mesh = Mesh(np.array(devices[:n_dev]), ("data",))
+  rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  print(f"JAX backend: {backend}; devices: {devices}")
+  print(f"mesh data={n_dev}; {n} train / {len(y_test)} test rows, {d} "
+        f"features, {classes} classes; out: {out}")
+
+  optimizer = make_optimizer(args.optimizer, config["lr"])
+  params = init_params(args.model, args.seed, d, classes, args.hidden)
+  state = optimizer.init(params)
+  history = {k: [] for k in HISTORY_KEYS}
+  start = 0
+  if (path := latest_checkpoint(ckpt_dir)) is not None:
+    start, saved, params, state, history = load_checkpoint(path, params, state)
+    changed = sorted(k for k in config if k not in RESUMABLE_CHANGES
+                     and config[k] != saved.get(k))
+    if changed:
+      parser.error(f"{out} holds a run with other settings (" + ", ".join(
+          f"{k}: {saved.get(k)} there, {config[k]} here" for k in changed)
+          + "); pass another --out")
+    if start >= args.epochs:
+      write_outputs(out, history, config, backend)
+      print(f"run in {out} is complete ({start} epochs); nothing to do")
+      return 0
+    print(f"resuming from epoch {start} ({path})")
+  params, state = jax.device_put((params, state), replicated)
+
+  step = make_step(make_loss(args.reg), optimizer, lbfgs)
+  train_rows = put_rows(X_train, y_train, -(-n // n_dev) * n_dev, rows)
+  test_rows = put_rows(X_test, y_test, -(-len(y_test) // n_dev) * n_dev, rows)
+  for epoch in range(start + 1, args.epochs + 1):
+    if lbfgs:
+      batches = [train_rows]
+    else:
+      order = np.random.default_rng((args.seed, epoch)).permutation(n)
+      batches = (put_rows(X_train[i], y_train[i], size, rows)
+                 for i in np.split(order, range(size, n, size)))
+    with tqdm(total=1 if lbfgs else -(-n // size), unit="step",
+              desc=f"epoch {epoch}/{args.epochs}") as bar:
+      for batch in batches:
+        params, state, loss = step(params, state, *batch)
+        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.update()
+      for split, split_rows in (("train", train_rows), ("test", test_rows)):
+        loss, acc = evaluate(params, *split_rows)
+        history[f"{split}_loss"].append(float(loss))
+        history[f"{split}_accuracy"].append(float(acc))
+      bar.set_postfix({"train_loss": f"{history['train_loss'][-1]:.4f}",
+                       "test_acc": f"{history['test_accuracy'][-1]:.4f}"})
+    save_checkpoint(ckpt_dir, epoch, params, state, config, history)
+    write_outputs(out, history, config, backend,
+                  final=epoch == args.epochs)
+  print(f"test accuracy {history['test_accuracy'][-1]:.4f}, test loss "
+        f"{history['test_loss'][-1]:.4f}; wrote {out / 'metrics.json'}, "
+        f"{out / 'curves.png'}, {ckpt_dir}/")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,378 @@
+"""Float64 NumPy reference for the softmax family and the losses.
+
+Written from the formulas of the core issue (sections 3 and 4) and the
+docstrings, independently of the library (no jax here). Every function takes
+array-likes, computes in float64 and returns float64 NumPy arrays.
+
+Conventions shared with the library (the special-values table):
+
+* The support of a slice/row is the set of entries that are not masked and
+  whose (capped) logit is not ``-inf``. ``K`` is its size.
+* Primitives: an empty support gives softmax 0, log_softmax and logsumexp
+  ``-inf`` and zero gradients; NaN or ``+inf`` among the unmasked entries
+  makes the whole slice NaN, values and gradients (logsumexp: ``+inf`` for a
+  ``+inf`` slice without NaN, NaN gradient).
+* Losses: a row is counted when its row mask is True, its label is not
+  ``ignore_index`` (integer labels) and its support is not empty. Uncounted
+  rows give loss 0 and gradient exactly 0. A counted row holding NaN or
+  ``+inf`` among its unmasked logits gives NaN loss and NaN gradient on its
+  unmasked classes (masked classes keep gradient 0). A counted row whose
+  integer label is outside ``[0, C)`` is NaN everywhere. Target mass on a
+  class off the support gives ``+inf`` with a finite gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Axis = int | Sequence[int] | None
+
+
+def normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+  if axis is None:
+    return tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  return tuple(sorted(int(a) % ndim for a in axes))
+
+
+def _f64(x) -> np.ndarray:
+  return np.asarray(np.asarray(x).astype(np.float64))
+
+
+def _mask(where, shape) -> np.ndarray:
+  if where is None:
+    return np.ones(shape, bool)
+  return np.broadcast_to(np.asarray(where, bool), shape)
+
+
+# --------------------------------------------------------------------------
+# primitives
+
+
+def _slice_stats(x, axes, where):
+  """Returns support, poisoned slices (NaN/+inf), shift m, e and sum s."""
+  mask = _mask(where, x.shape)
+  with np.errstate(all="ignore"):
+    poison = np.any(mask & (np.isnan(x) | (x == np.inf)), axis=axes,
+                    keepdims=True)
+    sup = mask & (x > -np.inf)  # NaN > -inf is False
+    xs = np.where(sup, x, -np.inf)
+    m = np.max(xs, axis=axes, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(sup, np.exp(xs - m), 0.0)
+    s = np.sum(e, axis=axes, keepdims=True)
+  return sup, poison, m, e, s
+
+
+def softmax(x, axis: Axis = -1, where=None) -> np.ndarray:
+  x = _f64(x)
+  axes = normalize_axes(axis, x.ndim)
+  _, poison, _, e, s = _slice_stats(x, axes, where)
+  with np.errstate(all="ignore"):
+    y = np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)
+  return np.where(poison, np.nan, y)
+
+
+def softmax_vjp(x, g, axis: Axis = -1, where=None) -> np.ndarray:
+  """``d <g, softmax(x)> / dx = y * (g - sum(g * y))``."""
+  x, g = _f64(x), _f64(g)
+  axes = normalize_axes(axis, x.ndim)
+  y = softmax(x, axis, where)
+  return y * (g - np.sum(g * y, axis=axes, keepdims=True))
+
+
+def log_softmax(x, axis: Axis = -1, where=None) -> np.ndarray:
+  x = _f64(x)
+  axes = normalize_axes(axis, x.ndim)
+  sup, poison, m, _, s = _slice_stats(x, axes, where)
+  with np.errstate(all="ignore"):
+    out = np.where(sup, x - m - np.log(s), -np.inf)
+  return np.where(poison, np.nan, out)
+
+
+def log_softmax_vjp(x, g, axis: Axis = -1, where=None) -> np.ndarray:
+  """``g - softmax * sum(g)`` with the sum over the support, 0 off it."""
+  x, g = _f64(x), _f64(g)
+  axes = normalize_axes(axis, x.ndim)
+  sup, poison, _, _, _ = _slice_stats(x, axes, where)
+  y = softmax(x, axis, where)
+  gs = np.where(sup, g, 0.0)
+  dx = np.where(sup, gs - y * np.sum(gs, axis=axes, keepdims=True), 0.0)
+  return np.where(poison, np.nan, dx)
+
+
+def logsumexp(x, axis: Axis = None, keepdims: bool = False,
+              where=None) -> np.ndarray:
+  x = _f64(x)
+  axes = normalize_axes(axis, x.ndim)
+  mask = _mask(where, x.shape)
+  sup, poison, m, _, s = _slice_stats(x, axes, where)
+  with np.errstate(all="ignore"):
+    lse = m + np.log(s)
+    has_nan = np.any(mask & np.isnan(x), axis=axes, keepdims=True)
+    lse = np.where(poison, np.where(has_nan, np.nan, np.inf), lse)
+  if not keepdims:
+    lse = np.squeeze(lse, axis=axes)
+  return lse
+
+
+def logsumexp_vjp(x, g, axis: Axis = None, keepdims: bool = False,
+                  where=None) -> np.ndarray:
+  """``g * softmax(x)`` (NaN on poisoned slices)."""
+  x, g = _f64(x), _f64(g)
+  axes = normalize_axes(axis, x.ndim)
+  if not keepdims:
+    g = np.expand_dims(g, axes)
+  return g * softmax(x, axes, where)
+
+
+# --------------------------------------------------------------------------
+# losses: layout
+
+
+def to_rows(x, axis: Axis):
+  """Moves the class axes last and flattens: ``(rows, classes)``.
+
+  Returns ``(rows_array, batch_shape, perm)``.
+  """
+  x = np.asarray(x)
+  axes = normalize_axes(axis, x.ndim)
+  batch = tuple(a for a in range(x.ndim) if a not in axes)
+  perm = batch + axes
+  batch_shape = tuple(x.shape[a] for a in batch)
+  c = int(np.prod([x.shape[a] for a in axes]))
+  return np.transpose(x, perm).reshape(-1, c), batch_shape, perm
+
+
+def from_rows(r, shape, perm) -> np.ndarray:
+  """Inverse of :func:`to_rows` for a ``(rows, classes)`` array."""
+  permuted = tuple(shape[p] for p in perm)
+  return np.transpose(r.reshape(permuted), np.argsort(perm))
+
+
+def _layout(logits, labels, axis, where, ignore_index):
+  z = _f64(logits)
+  axes = normalize_axes(axis, z.ndim)
+  zr, batch_shape, perm = to_rows(z, axes)
+  n, _ = zr.shape
+  labels = np.asarray(labels)
+  is_int = np.issubdtype(labels.dtype, np.integer)
+  cm = np.ones(zr.shape, bool)
+  row = np.ones((n,), bool)
+  if where is not None:
+    w = np.asarray(where, bool)
+    if w.ndim == z.ndim:
+      cm = to_rows(np.broadcast_to(w, z.shape), axes)[0]
+    else:
+      row = np.broadcast_to(w, batch_shape).reshape(-1).copy()
+  if is_int:
+    target = labels.reshape(-1).astype(np.int64)
+    if ignore_index is not None:
+      row &= target != ignore_index
+  else:
+    target = to_rows(_f64(labels), axes)[0]
+  return zr, target, row, cm, batch_shape, perm, is_int
+
+
+class _Rows:
+  """Per-row forward quantities and the local gradients of one row."""
+
+
+def _forward(zr, target, row, cm, is_int, eps, w, zl, cap) -> _Rows:
+  n, c = zr.shape
+  r = _Rows()
+  eps = float(eps)
+  w = np.ones(c) if w is None else _f64(w)
+  with np.errstate(all="ignore"):
+    if cap is not None:
+      cap = float(cap)
+      zc = np.where(zr == -np.inf, -np.inf, cap * np.tanh(zr / cap))
+      # d zc / d z; 0 at -inf (the limit of 1 - tanh^2).
+      dcap = np.where(zr == -np.inf, 0.0, 1 - np.tanh(zr / cap) ** 2)
+    else:
+      zc, dcap = zr, np.ones_like(zr)
+    zc = np.where(cm, zc, -np.inf)
+    poison = np.any(np.isnan(zc) | (zc == np.inf), axis=-1)
+    sup = zc > -np.inf
+    nonempty = np.any(zc != -np.inf, axis=-1)   # NaN counts as a class
+    counted = row & nonempty
+    k = np.sum(sup, axis=-1).astype(np.float64)
+    zs = np.where(sup, zc, -np.inf)
+    m = np.max(zs, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    shifted = zs - m
+    log_s = np.log(np.sum(np.where(sup, np.exp(shifted), 0.0), axis=-1))
+    lse = m[:, 0] + log_s
+    # -log p_c, stable: log sum exp(z - m) - (z_c - m); +inf off support.
+    nll = np.where(sup, log_s[:, None] - shifted, np.inf)
+    p = np.where(sup, np.exp(-nll), 0.0)
+    kk = np.where(k > 0, k, 1.0)[:, None]
+    if is_int:
+      y = target
+      bad = counted & ((y < 0) | (y >= c))
+      yc = np.clip(y, 0, c - 1)
+      onehot = np.arange(c)[None, :] == yc[:, None]
+      w_y = w[yc]
+      nll_y = nll[np.arange(n), yc]
+      ce = (1 - eps) * w_y * nll_y
+      tw = (1 - eps) * w_y[:, None] * onehot
+      if eps:
+        wn = np.where(sup, w[None, :] * nll, 0.0)
+        ce = ce + eps * np.sum(wn, axis=-1) / kk[:, 0]
+        tw = tw + eps * np.where(sup, w[None, :], 0.0) / kk
+      weight = w_y
+      dt = None
+    else:
+      bad = np.zeros((n,), bool)
+      q = (1 - eps) * target + eps * sup / kk
+      wq = w[None, :] * q
+      ce = np.sum(np.where(wq == 0, 0.0, wq * nll), axis=-1)
+      tw = wq
+      weight = np.ones((n,))
+      dt = np.where(sup, (1 - eps) * w[None, :] * nll, 0.0)
+    a = np.sum(tw, axis=-1)
+    d_ce = (a[:, None] * p - tw) * dcap
+    d_z = 2 * zl * lse[:, None] * p * dcap
+    nan_row = counted & (poison | bad)
+    ce = np.where(nan_row, np.nan, ce)
+    lse = np.where(poison & counted, np.nan, lse)
+  r.counted, r.ce, r.lse, r.weight = counted, ce, lse, weight
+  r.d_ce, r.d_z, r.dt, r.cm = d_ce, d_z, dt, cm
+  r.nan_row, r.bad, r.zl = nan_row, bad, float(zl)
+  return r
+
+
+def _reduce(r: _Rows, reduction: str):
+  ce = np.where(r.counted, r.ce, 0.0)
+  zr = np.where(r.counted, r.lse ** 2, 0.0) if r.zl else np.zeros_like(ce)
+  if reduction == "none":
+    return ce + r.zl * zr
+  if reduction == "sum":
+    return np.sum(ce) + r.zl * np.sum(zr)
+  d = np.sum(np.where(r.counted, r.weight, 0.0))
+  n = np.sum(r.counted)
+  return (np.sum(ce) / (d if d else 1.0)
+          + r.zl * np.sum(zr) / (n if n else 1.0))
+
+
+def _row_cotangents(r: _Rows, reduction: str, g):
+  g = _f64(g)
+  if reduction == "mean":
+    d = np.sum(np.where(r.counted, r.weight, 0.0))
+    n = np.sum(r.counted)
+    c_ce = np.full(r.ce.shape, g / (d if d else 1.0))
+    c_z = np.full(r.ce.shape, g / (n if n else 1.0))
+  elif reduction == "sum":
+    c_ce = c_z = np.full(r.ce.shape, g)
+  else:
+    c_ce = c_z = g.reshape(-1)
+  return np.where(r.counted, c_ce, 0.0), np.where(r.counted, c_z, 0.0)
+
+
+# --------------------------------------------------------------------------
+# losses: public
+
+
+def cross_entropy(logits, labels, *, axis: Axis = -1, where=None,
+                  ignore_index=None, label_smoothing=0.0, class_weights=None,
+                  z_loss=0.0, soft_cap=None, reduction="mean") -> np.ndarray:
+  """The issue's cross-entropy (PyTorch's, smoothing over the support)."""
+  zr, t, row, cm, batch_shape, _, is_int = _layout(
+      logits, labels, axis, where, ignore_index)
+  r = _forward(zr, t, row, cm, is_int, label_smoothing, class_weights,
+               z_loss, soft_cap)
+  out = _reduce(r, reduction)
+  return out.reshape(batch_shape) if reduction == "none" else np.asarray(out)
+
+
+def cross_entropy_vjp(logits, labels, g=1.0, *, axis: Axis = -1, where=None,
+                      ignore_index=None, label_smoothing=0.0,
+                      class_weights=None, z_loss=0.0, soft_cap=None,
+                      reduction="mean"):
+  """Analytic ``(d_logits, d_labels)`` of ``<g, cross_entropy(...)>``.
+
+  ``d_labels`` is None for integer labels. Per row, with cotangents
+  ``c_ce`` (cross-entropy) and ``c_z`` (z-loss) from the reduction:
+  ``d z = (c_ce (a p - t_w) + c_z 2 z_loss lse p) * cap'`` where ``t_w`` is
+  the weighted (smoothed) target distribution and ``a = sum t_w``; ``d t =
+  c_ce (1 - eps) w_c (-log p_c)`` on the support.
+  """
+  z = _f64(logits)
+  zr, t, row, cm, _, perm, is_int = _layout(
+      logits, labels, axis, where, ignore_index)
+  r = _forward(zr, t, row, cm, is_int, label_smoothing, class_weights,
+               z_loss, soft_cap)
+  c_ce, c_z = _row_cotangents(r, reduction, g)
+  with np.errstate(all="ignore"):
+    dz = c_ce[:, None] * r.d_ce + c_z[:, None] * r.d_z
+    keep = r.counted[:, None] & cm
+    dz = np.where(keep, dz, 0.0)
+    dz = np.where(r.nan_row[:, None] & cm, np.nan, dz)
+    dz = np.where(r.bad[:, None], np.nan, dz)
+    dt = None
+    if not is_int:
+      dt = np.where(r.counted[:, None] & cm, c_ce[:, None] * r.dt, 0.0)
+      dt = np.where(r.nan_row[:, None] & cm, np.nan, dt)
+      dt = from_rows(dt, z.shape, perm)
+  return from_rows(dz, z.shape, perm), dt
+
+
+def nll_loss(log_probs, labels, *, axis: Axis = -1, where=None,
+             ignore_index=None, class_weights=None,
+             reduction="mean") -> np.ndarray:
+  """``-w_y log p_y`` per counted row; ``mean`` divides by ``sum w_y``.
+
+  A row counts unless it is masked, ignored, or all its classes are masked.
+  A masked target class reads as ``-inf`` (loss ``+inf``).
+  """
+  return _nll(log_probs, labels, 1.0, axis, where, ignore_index,
+              class_weights, reduction)[0]
+
+
+def nll_loss_vjp(log_probs, labels, g=1.0, *, axis: Axis = -1, where=None,
+                 ignore_index=None, class_weights=None,
+                 reduction="mean") -> np.ndarray:
+  """``-c w_y`` at the (unmasked) label, 0 elsewhere; NaN rows NaN."""
+  return _nll(log_probs, labels, g, axis, where, ignore_index,
+              class_weights, reduction)[1]
+
+
+def _nll(log_probs, labels, g, axis, where, ignore_index, class_weights,
+         reduction):
+  lp = _f64(log_probs)
+  lr, y, row, cm, batch_shape, perm, _ = _layout(
+      lp, labels, axis, where, ignore_index)
+  n, c = lr.shape
+  w = np.ones(c) if class_weights is None else _f64(class_weights)
+  counted = row & np.any(cm, axis=-1)
+  bad = counted & ((y < 0) | (y >= c))
+  yc = np.clip(y, 0, c - 1)
+  w_y = w[yc]
+  with np.errstate(all="ignore"):
+    lp_y = np.where(cm[np.arange(n), yc], lr[np.arange(n), yc], -np.inf)
+    ce = np.where(bad, np.nan, -w_y * lp_y)
+    ce = np.where(counted, ce, 0.0)
+    r = _Rows()
+    r.counted, r.ce, r.weight, r.zl = counted, ce, w_y, 0.0
+    r.lse = np.zeros_like(ce)
+    out = _reduce(r, reduction)
+    c_ce, _ = _row_cotangents(r, reduction, g)
+    onehot = (np.arange(c)[None, :] == y[:, None]) & cm
+    d = np.where(onehot, -(c_ce * w_y)[:, None], 0.0)
+    d = np.where((counted & np.isnan(ce))[:, None], np.nan, d)
+  if reduction == "none":
+    out = out.reshape(batch_shape)
+  return np.asarray(out), from_rows(d, lp.shape, perm)
+
+
+def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1,
+                                              where=None) -> np.ndarray:
+  return cross_entropy(logits, labels, axis=axis, where=where,
+                       reduction="none")
+
+
+def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> np.ndarray:
+  return cross_entropy(logits, labels, axis=axis, where=where,
+                       reduction="none")

@@ -65,7 +65,7 @@ def _logits(x_c, w, bias):
   """``(c, V)`` float32 logits of one chunk (input dtype, f32 accumulate)."""
   z = lax.dot_general(x_c, w, (((1,), (0,)), ((), ())),
                       preferred_element_type=compute_dtype(x_c.dtype))
-  return z if bias is None else z + bias.astype(z.dtype)
+  return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
 def _matmuls(x_c, w, dz, need_dx, need_dw):

@@ -87,8 +87,9 @@ def _weighted(x, hp, axis_value=None):
   """``x * class_weights`` (broadcast over rows), or ``x`` without weights."""
   if hp.class_weights is None:
     return x
-  w = hp.class_weights if axis_value is None else hp.class_weights[axis_value]
-  return x * w
+  if axis_value is not None:
+    return x * hp.class_weights[axis_value]
+  return x * hp.class_weights.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool) -> Stats:

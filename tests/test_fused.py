@@ -1,0 +1,233 @@
+"""Fused linear cross-entropy: equality, memory and work, checked cold."""
+
+import re
+from collections import Counter
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax_softmax as js
+
+B, D, V = 13, 8, 37  # V and B not multiples of any chunk used below
+
+
+def _data(dtype=jnp.float32, b=B, v=V, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k[0], (b, D), dtype)
+  w = jax.random.normal(k[1], (D, v), dtype)
+  bias = jax.random.normal(k[2], (v,), dtype)
+  y = jax.random.randint(k[3], (b,), 0, v)
+  return x, w, bias, y
+
+
+def _rel_err(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": -100},
+    "where": {"where": jnp.arange(B) % 4 != 1},
+    "smoothing": {"label_smoothing": 0.1},
+    "weights": {"class_weights": jnp.linspace(0.5, 2.0, V)},
+    "z_loss": {"z_loss": 1e-2},
+    "soft_cap": {"soft_cap": 3.0},
+    "all": {"ignore_index": -100, "where": jnp.arange(B) != 5,
+            "label_smoothing": 0.2, "class_weights": jnp.linspace(0.5, 2, V),
+            "z_loss": 1e-3, "soft_cap": 4.0},
+}
+
+
+CASES = [(r, o, None) for r in ("mean", "sum", "none") for o in OPTIONS] + [
+    (r, "all", False) for r in ("mean", "sum")]
+
+
+@pytest.mark.parametrize(("reduction", "option", "grad_in_forward"), CASES)
+def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
+  x, w, bias, y = _data()
+  y = y.at[3].set(-100) if "ignore" in str(OPTIONS[option]) else y
+  opts = OPTIONS[option]
+  cot = jnp.linspace(-1.0, 2.0, B)
+
+  def scalar(v):
+    return jnp.sum(v * cot) if reduction == "none" else v
+
+  def fused(x, w, bias):
+    return scalar(js.linear_cross_entropy(
+        x, w, y, bias=bias, chunk_size=4, reduction=reduction,
+        grad_in_forward=grad_in_forward, **opts))
+
+  def plain(x, w, bias):
+    return scalar(js.cross_entropy(x @ w + bias[None, :], y, reduction=reduction,
+                                   **opts))
+
+  got = jax.value_and_grad(fused, (0, 1, 2))(x, w, bias)
+  want = jax.value_and_grad(plain, (0, 1, 2))(x, w, bias)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert _rel_err(g, e) < 2e-5
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, B, 64])
+@pytest.mark.parametrize("b", [1, B])
+def test_equals_optax_any_chunk(chunk, b):
+  x, w, _, y = _data(b=b)
+
+  def fused(x, w):
+    return js.linear_cross_entropy(x, w, y, chunk_size=chunk)
+
+  def ref(x, w):
+    return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+  got = jax.value_and_grad(fused, (0, 1))(x, w)
+  want = jax.value_and_grad(ref, (0, 1))(x, w)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert _rel_err(g, e) < 2e-5
+
+
+def test_all_ignored_batch_gives_zero_loss_and_gradient():
+  x, w, _, y = _data()
+  f = jax.value_and_grad(
+      lambda x, w: js.linear_cross_entropy(
+          x, w, jnp.full_like(y, -1), ignore_index=-1, chunk_size=4), (0, 1))
+  loss, (dx, dw) = f(x, w)
+  assert float(loss) == 0.0
+  assert not np.any(np.asarray(dx)) and not np.any(np.asarray(dw))
+
+
+def test_hyperparameter_gradients_match_plain():
+  x, w, _, y = _data()
+  cw = jnp.linspace(0.5, 2.0, V)
+
+  def fused(eps, zl, cap, cw):
+    return js.linear_cross_entropy(x, w, y, chunk_size=4,
+                                   label_smoothing=eps, z_loss=zl,
+                                   soft_cap=cap, class_weights=cw)
+
+  def plain(eps, zl, cap, cw):
+    return js.cross_entropy(x @ w, y, label_smoothing=eps, z_loss=zl,
+                            soft_cap=cap, class_weights=cw)
+
+  args = (0.1, 1e-2, 5.0, cw)
+  got = jax.grad(fused, (0, 1, 2, 3))(*args)
+  want = jax.grad(plain, (0, 1, 2, 3))(*args)
+  for g, e in zip(got, want, strict=True):
+    assert _rel_err(g, e) < 1e-5
+
+
+def test_leading_batch_dims_and_vmap():
+  x, w, _, y = _data(b=12)
+  x3, y3 = x.reshape(3, 4, D), y.reshape(3, 4)
+  per_row = js.linear_cross_entropy(x3, w, y3, reduction="none")
+  chex.assert_shape(per_row, (3, 4))
+  want = js.cross_entropy(x @ w, y, reduction="none").reshape(3, 4)
+  assert _rel_err(per_row, want) < 1e-6
+  means = jax.vmap(lambda a, b: js.linear_cross_entropy(a, w, b,
+                                                        chunk_size=3))(x3, y3)
+  assert _rel_err(means, want.mean(axis=1)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_dtypes(dtype):
+  x, w, _, y = _data(dtype)
+  loss, (dx, dw) = jax.value_and_grad(
+      lambda x, w: js.linear_cross_entropy(x, w, y, chunk_size=4),
+      (0, 1))(x, w)
+  assert loss.dtype == jnp.float32
+  assert dx.dtype == dtype and dw.dtype == dtype
+  x64, w64 = (np.asarray(a, np.float64) for a in (x, w))
+  z = x64 @ w64
+  lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+  want = np.mean(lse - z[np.arange(B), np.asarray(y)])
+  assert abs(float(loss) - want) / want < 2e-2
+
+
+def _compiled(f, *args):
+  return jax.jit(f).lower(*args).compile()
+
+
+def _op_counts(compiled):
+  ops = re.findall(r"= \w+\[[^\]]*\][^ ]* ([\w-]+)\(", compiled.as_text())
+  return Counter(ops)
+
+
+def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
+  x, w, _, y = _data(b=64, v=100)
+
+  def loss(x, w, **kw):
+    return js.linear_cross_entropy(x, w, y, chunk_size=16, **kw)
+
+  assert _op_counts(_compiled(loss, x, w))["dot"] == 1  # primal: loss only
+  both = _compiled(jax.value_and_grad(loss, (0, 1)), x, w)
+  assert _op_counts(both)["dot"] == 3
+  assert _op_counts(_compiled(jax.grad(loss, 0), x, w))["dot"] == 2
+  assert _op_counts(_compiled(jax.grad(loss, 1), x, w))["dot"] == 2
+  recompute = _compiled(jax.value_and_grad(
+      lambda x, w: loss(x, w, grad_in_forward=False), (0, 1)), x, w)
+  assert _op_counts(recompute)["dot"] == 4
+  # No copy or transpose of w anywhere in the gradient program.
+  text = both.as_text()
+  assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(", text)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_no_batch_by_vocab_buffer(grad_in_forward):
+  b, d, v = 256, 16, 1000
+  args = (jax.ShapeDtypeStruct((b, d), jnp.float32),
+          jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((b,), jnp.int32))
+  f = jax.value_and_grad(lambda x, w, y: js.linear_cross_entropy(
+      x, w, y, chunk_size=32, grad_in_forward=grad_in_forward), (0, 1))
+  compiled = _compiled(f, *args)
+  assert not re.search(rf"\[{b},{v}\]", compiled.as_text())
+  # Bound the temporaries too: well under one (b, V) float32 buffer.
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < b * v * 4 / 2
+
+
+def test_memory_at_most_one_eighth_of_optax():
+  b, d, v = 8192, 256, 32000
+  args = (jax.ShapeDtypeStruct((b, d), jnp.float32),
+          jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((b,), jnp.int32))
+
+  def fused(x, w, y):
+    return js.linear_cross_entropy(x, w, y)
+
+  def ref(x, w, y):
+    return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+  def temp(f):
+    compiled = _compiled(jax.value_and_grad(f, (0, 1)), *args)
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp(fused) * 8 <= temp(ref)
+
+
+def test_default_chunk_size_budget():
+  from jax_softmax._fused import CHUNK_BUDGET_BYTES, default_chunk_size
+  c = default_chunk_size(8192, 32000)
+  assert 8 <= c and 12 * c * 32000 <= CHUNK_BUDGET_BYTES
+  assert default_chunk_size(10, 32000) == 10
+  assert default_chunk_size(8192, 32000) % 8 == 0 or 8192 % c == 0
+
+
+def test_errors():
+  x, w, bias, y = _data()
+  with pytest.raises(ValueError, match=r"\(d, V\)"):
+    js.linear_cross_entropy(x, w.T, y)
+  with pytest.raises(ValueError, match="bias must have shape"):
+    js.linear_cross_entropy(x, w, y, bias=bias[:-1])
+  with pytest.raises(TypeError, match="integer"):
+    js.linear_cross_entropy(x, w, y.astype(jnp.float32))
+  with pytest.raises(ValueError, match=r"label 99 at position \(2,\)"):
+    js.linear_cross_entropy(x, w, y.at[2].set(99))
+  with pytest.raises(ValueError, match="grad_in_forward=True"):
+    js.linear_cross_entropy(x, w, y, reduction="none", grad_in_forward=True)
+  with pytest.raises(NotImplementedError, match="axis_name"):
+    js.linear_cross_entropy(x, w, y, axis_name="model")

@@ -236,7 +236,7 @@ def logsumexp(x: jax.typing.ArrayLike,
     >>> import jax.numpy as jnp
     >>> from jax_softmax import logsumexp
     >>> logsumexp(jnp.array([1000.0, 1000.0]))
-    Array(1000.6931, dtype=float32)
+    Array(1000.6932, dtype=float32)
   """
   x, axes, mask = _prepare(x, axis, where, axis_default_all=True)
   return _logsumexp(x, axes, bool(keepdims), mask)

@@ -7,6 +7,7 @@ hand-written ``jax.custom_vjp`` gradient (reverse mode only).
 from jax_softmax._fused import linear_cross_entropy
 from jax_softmax._linear import linear_softmax_loss, softmax_with_gradients
 from jax_softmax._losses import (
+    LossAux,
     cross_entropy,
     nll_loss,
     softmax_cross_entropy,
@@ -17,6 +18,7 @@ from jax_softmax._primitives import log_softmax, logsumexp, softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossAux",
     "__version__",
     "cross_entropy",
     "linear_cross_entropy",

@@ -16,10 +16,12 @@ difference of two large numbers loses precision at ``|z| ~ 1e3``).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import math
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax import _checks
 from jax_softmax._primitives import compute_dtype
@@ -258,6 +260,79 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   return Hyper(d_eps, d_z, d_cap, d_w)
 
 
+class LossAux(NamedTuple):
+  """Per-row by-products of a loss, all of the batch shape.
+
+  Filled for every row, uncounted ones included (``correct`` is False
+  there). ``lse`` and ``entropy`` are differentiable; ``argmax`` and
+  ``correct`` are not.
+
+  Attributes:
+    lse: log-sum-exp of the (capped, masked) logits; ``-inf`` for a row
+      with an empty support.
+    entropy: entropy ``-sum_c p_c log p_c`` of the softmax distribution.
+    argmax: first index of the maximum of the raw (masked) logits.
+    correct: ``argmax == label`` (the target's argmax for probability
+      targets) on counted rows, False elsewhere.
+  """
+
+  lse: jax.Array
+  entropy: jax.Array
+  argmax: jax.Array
+  correct: jax.Array
+
+
+def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool) -> LossAux:
+  """:class:`LossAux` of a ``(rows, C)`` block (one more pass over it)."""
+  zc = _support_logits(z, cmask, hp)
+  m = jnp.max(zc, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  shifted = zc - m
+  e = jnp.exp(shifted)
+  s = jnp.sum(e, axis=-1)
+  mean_shift = jnp.sum(jnp.where(zc != _NEG_INF, e * shifted, 0.0), -1) / s
+  log_s = jnp.log(s)
+  raw = z if cmask is None else jnp.where(cmask, z, _NEG_INF)
+  top = jnp.argmax(raw, axis=-1)
+  want = target if is_int else jnp.argmax(target, axis=-1)
+  return LossAux(m[:, 0] + log_s, log_s - mean_shift, top,
+                 counted & (top == want))
+
+
+def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent):
+  """``d (sum g_lse * lse + sum g_ent * entropy) / d z`` for a block.
+
+  ``d lse / d z = p`` and ``d H / d z = -p (log p + H)``, on the support.
+  ``g_lse`` / ``g_ent`` are ``(rows,)`` cotangents or None (zero).
+  """
+  zc = _support_logits(z, cmask, hp)
+  valid = zc != _NEG_INF
+  lse = jnp.where(jnp.isfinite(aux.lse), aux.lse, 0.0)[:, None]
+  p = jnp.where(valid, jnp.exp(zc - lse), 0.0)
+  g = jnp.zeros_like(p)
+  if g_lse is not None:
+    g = g + g_lse[:, None] * p
+  if g_ent is not None:
+    log_p = jnp.where(valid, zc - lse, 0.0)
+    g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
+  if hp.soft_cap is not None:
+    g = g * jnp.where(valid, 1 - jnp.square(zc / hp.soft_cap), 0.0)
+  return jnp.where(valid, g, 0.0)
+
+
+def unwrap_primals(tree):
+  """Values and whether any leaf is perturbed, for ``symbolic_zeros``."""
+  is_p = lambda t: isinstance(t, CustomVJPPrimal)  # noqa: E731
+  values = jax.tree.map(lambda t: t.value, tree, is_leaf=is_p)
+  return values, any(t.perturbed for t in jax.tree.leaves(tree, is_leaf=is_p))
+
+
+def aux_cotangents(ct: LossAux):
+  """``(g_lse, g_entropy)`` from an aux cotangent, None where zero."""
+  return tuple(None if isinstance(g, SymbolicZero) else g
+               for g in (ct.lse, ct.entropy))
+
+
 # --------------------------------------------------------------------------
 # reductions shared by every loss
 
@@ -312,22 +387,40 @@ def row_cotangents(st: Stats, reduction: str, g, is_int: bool
 class _Config(NamedTuple):
   reduction: str
   is_int: bool
+  aux: bool = False
+
+
+def _cross_entropy_outputs(cfg, z, target, row, cmask, hp):
+  st = row_stats(z, target, row, cmask, hp, cfg.is_int)
+  loss = reduce_rows(st, hp, cfg.reduction)
+  if not cfg.aux:
+    return loss, st, None
+  aux = row_aux(z, target, st.counted, cmask, hp, cfg.is_int)
+  return (loss, aux), st, aux
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _cross_entropy(cfg, z, target, row, cmask, hp):
-  return _cross_entropy_fwd(cfg, z, target, row, cmask, hp)[0]
+  return _cross_entropy_outputs(cfg, z, target, row, cmask, hp)[0]
 
 
-def _cross_entropy_fwd(cfg, z, target, row, cmask, hp):
-  st = row_stats(z, target, row, cmask, hp, cfg.is_int)
-  return reduce_rows(st, hp, cfg.reduction), (z, target, cmask, hp, st)
+def _cross_entropy_fwd(cfg, *args):
+  z, target, row, cmask, hp = (unwrap_primals(a)[0] for a in args)
+  out, st, aux = _cross_entropy_outputs(cfg, z, target, row, cmask, hp)
+  return out, (z, target, cmask, hp, st, aux)
 
 
 def _cross_entropy_bwd(cfg, res, g):
-  z, target, cmask, hp, st = res
+  z, target, cmask, hp, st, aux = res
+  g, g_aux = g if cfg.aux else (g, None)
+  if isinstance(g, SymbolicZero):
+    g = jnp.zeros(g.shape, g.dtype)
   c_ce, c_z, mean_ce = row_cotangents(st, cfg.reduction, g, cfg.is_int)
   dz = grad_logits(z, target, cmask, hp, cfg.is_int, st, c_ce, c_z)
+  if g_aux is not None:
+    g_lse, g_ent = aux_cotangents(g_aux)
+    if g_lse is not None or g_ent is not None:
+      dz = dz + grad_aux(z, cmask, hp, aux, g_lse, g_ent)
   dt = None
   if not cfg.is_int:
     dt = grad_target(z, target, cmask, hp, st, c_ce).astype(target.dtype)
@@ -335,7 +428,8 @@ def _cross_entropy_bwd(cfg, res, g):
   return dz.astype(z.dtype), dt, None, None, dhp
 
 
-_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd,
+                      symbolic_zeros=True)
 
 
 class _Rows(NamedTuple):
@@ -412,7 +506,8 @@ def cross_entropy(
     soft_cap: jax.typing.ArrayLike | None = None,
     reduction: str = "mean",
     check_labels: bool = False,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, LossAux]:
   r"""Softmax cross-entropy from logits, with a hand-written gradient.
 
   With ``p = softmax(z)`` over the support ``S`` (classes whose logit is not
@@ -465,10 +560,15 @@ def cross_entropy(
     check_labels: also check traced integer labels, through
       ``jax.experimental.checkify``: run the caller under
       ``checkify.checkify(jax.jit(f))`` and call ``err.throw()``.
+    return_aux: also return a :class:`LossAux` of per-row ``lse``,
+      ``entropy``, ``argmax`` and ``correct`` (computed in the same call;
+      ``lse`` and ``entropy`` are differentiable, with hand-written
+      gradients; hyperparameter gradients cover the loss only).
 
   Returns:
     A scalar (``"mean"``, ``"sum"``) or the batch-shaped per-row loss
-    (``"none"``), of dtype ``result_type(logits, float32)``.
+    (``"none"``), of dtype ``result_type(logits, float32)``; with
+    ``return_aux=True``, ``(loss, aux)``.
 
     Special values, per row: an uncounted row (masked, ``ignore_index``, no
     class left) gives loss 0 and gradient exactly 0 whatever it holds; NaN
@@ -501,9 +601,21 @@ def cross_entropy(
   r = _to_rows(logits, labels, axis, where, ignore_index, check_labels)
   hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                   r.z.shape[-1], compute_dtype(r.z.dtype))
-  out = _cross_entropy(_Config(reduction, r.is_int), r.z, r.target, r.row,
-                       r.cmask, hp)
-  return out.reshape(r.batch_shape) if reduction == "none" else out
+  out = _cross_entropy(_Config(reduction, r.is_int, return_aux), r.z,
+                       r.target, r.row, r.cmask, hp)
+  return shape_outputs(out, reduction, return_aux, r.batch_shape)
+
+
+def shape_outputs(out, reduction: str, return_aux: bool,
+                  batch_shape: tuple[int, ...]):
+  """Gives per-row outputs (loss for ``"none"``, aux) the batch shape."""
+  loss, aux = out if return_aux else (out, None)
+  if reduction == "none":
+    loss = loss[:math.prod(batch_shape)].reshape(batch_shape)
+  if aux is None:
+    return loss
+  n = math.prod(batch_shape)
+  return loss, jax.tree.map(lambda a: a[:n].reshape(batch_shape), aux)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -521,8 +633,8 @@ def softmax_cross_entropy_with_integer_labels(
   clips large ones), a masked target class gives ``+inf``, and the loss is
   float32 for bfloat16/float16 logits.
   """
-  return cross_entropy(logits, labels, axis=axis, where=where,
-                       reduction="none")
+  return cast(jax.Array, cross_entropy(logits, labels, axis=axis,
+                                       where=where, reduction="none"))
 
 
 def softmax_cross_entropy(
@@ -544,8 +656,8 @@ def softmax_cross_entropy(
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     raise TypeError(f"labels must be floating probabilities; got dtype "
                     f"{labels.dtype}.")
-  return cross_entropy(logits, labels, axis=axis, where=where,
-                       reduction="none")
+  return cast(jax.Array, cross_entropy(logits, labels, axis=axis,
+                                       where=where, reduction="none"))
 
 
 # --------------------------------------------------------------------------

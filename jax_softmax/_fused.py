@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+from jax.custom_derivatives import SymbolicZero
 
 from jax_softmax import _checks, _losses
 from jax_softmax._primitives import compute_dtype
@@ -59,6 +59,7 @@ class _Cfg(NamedTuple):
   reduction: str
   chunk: int
   grad_in_forward: bool | None
+  aux: bool = False
 
 
 def _logits(x_c, w, bias):
@@ -94,120 +95,132 @@ def _add(acc, upd):
   return acc if upd is None else acc + upd
 
 
-def _stats_all(x, w, bias, y, row, hp, chunk):
-  """Per-row statistics of all rows, loss only (no gradient work)."""
+class _Need(NamedTuple):
+  """Which gradients a sweep forms (the inputs that are perturbed)."""
 
-  def step(_, inp):
-    x_c, y_c, r_c = inp
-    return None, _losses.row_stats(_logits(x_c, w, bias), y_c, r_c, None, hp,
-                                   True)
+  dx: bool = False
+  dw: bool = False
+  dbias: bool = False
+  hyper: bool = False
 
-  _, st = lax.scan(step, None, (_chunks(x, chunk), _chunks(y, chunk),
-                                _chunks(row, chunk)))
-  return jax.tree.map(_flat, st)
+
+def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
+           aux_cot=(None, None)):
+  """One pass over the row chunks: the single loop of this module.
+
+  Without ``st`` it computes the per-row statistics (and the aux when
+  ``cfg.aux``); with ``st`` (and ``aux``) given it reuses them. With
+  per-row cotangents ``cot = (c_ce, c_z, mean_ce)`` and/or aux cotangents
+  ``(g_lse, g_entropy)`` it forms each chunk's ``dz`` and the gradients in
+  ``need``. Returns ``(st, aux, dx, dw, dbias, dhyper)``, None where not
+  computed; ``dw`` and ``dbias`` accumulate in float32.
+  """
+  dtype = compute_dtype(x.dtype)
+  g_lse, g_ent = aux_cot
+  forms_dz = cot is not None or g_lse is not None or g_ent is not None
+  mean_ce = None if cot is None else cot[2]
+
+  def step(carry, inp):
+    dw_acc, db_acc, dh_acc = carry
+    x_c, y_c, r_c, st_c, aux_c, cot_c, gl_c, ge_c = inp
+    z = _logits(x_c, w, bias)
+    out_st = out_aux = dx_c = None
+    if st_c is None:
+      st_c = out_st = _losses.row_stats(z, y_c, r_c, None, hp, True)
+      if cfg.aux:
+        aux_c = out_aux = _losses.row_aux(z, y_c, st_c.counted, None, hp,
+                                          True)
+    if forms_dz:
+      dz = jnp.zeros(z.shape, dtype)
+      if cot_c is not None:
+        dz = dz + _losses.grad_logits(z, y_c, None, hp, True, st_c, *cot_c)
+      if gl_c is not None or ge_c is not None:
+        dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c)
+      dx_c, dw_c = _matmuls(x_c, w, dz, need.dx, need.dw)
+      if need.dw:
+        dw_acc = dw_acc + dw_c
+      if need.dbias:
+        db_acc = db_acc + jnp.sum(dz, axis=0)
+      if need.hyper and cot_c is not None:
+        dh = _losses.grad_hyper(z, y_c, None, hp, True, st_c, *cot_c,
+                                mean_ce)
+        dh_acc = jax.tree.map(_add, dh_acc, dh)
+    return (dw_acc, db_acc, dh_acc), (out_st, out_aux, dx_c)
+
+  init = (jnp.zeros(w.shape, dtype) if forms_dz and need.dw else None,
+          jnp.zeros(w.shape[1], dtype) if forms_dz and need.dbias else None,
+          jax.tree.map(jnp.zeros_like, hp)
+          if cot is not None and need.hyper else None)
+  xs = (x, y, row, st, aux, None if cot is None else cot[:2], g_lse, g_ent)
+  xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), xs)
+  (dw, db, dh), ys = lax.scan(step, init, xs)
+  new_st, new_aux, dx = jax.tree.map(_flat, ys)
+  return (st if st is not None else new_st,
+          aux if aux is not None else new_aux, dx,
+          None if dw is None else dw.astype(w.dtype),
+          None if db is None else db.astype(bias.dtype), dh)
+
+
+def _outputs(cfg, st, aux, hp):
+  loss = _losses.reduce_rows(st, hp, cfg.reduction)
+  return (loss, aux) if cfg.aux else loss
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(cfg, x, w, bias, y, row, hp):
-  st = _stats_all(x, w, bias, y, row, hp, cfg.chunk)
-  return _losses.reduce_rows(st, hp, cfg.reduction)
-
-
-def _unwrap(tree):
-  is_p = lambda t: isinstance(t, CustomVJPPrimal)  # noqa: E731
-  values = jax.tree.map(lambda t: t.value, tree, is_leaf=is_p)
-  perturbed = any(t.perturbed for t in jax.tree.leaves(tree, is_leaf=is_p))
-  return values, perturbed
+  st, aux, *_ = _sweep(cfg, x, w, bias, y, row, hp, _Need())
+  return _outputs(cfg, st, aux, hp)
 
 
 def _fused_fwd(cfg, *args):
   (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on) = (
-      _unwrap(a) for a in args)
+      _losses.unwrap_primals(a) for a in args)
+  need = _Need(dx_on, dw_on, db_on, hp_on)
   in_forward = (cfg.reduction != "none" and not hp_on
                 and cfg.grad_in_forward is not False)
-  if not in_forward:
-    st = _stats_all(x, w, bias, y, row, hp, cfg.chunk)
-    loss = _losses.reduce_rows(st, hp, cfg.reduction)
-    return loss, (False, (x, w, bias, y, row, hp, st), (dx_on, dw_on, db_on,
-                                                       hp_on))
-  # Per-row cotangents of a unit output cotangent need the mean's
-  # denominators before the loop: a row is counted iff it is unmasked and
-  # its support is non-empty, which only an all--inf bias can prevent.
-  nonempty = True if bias is None else jnp.any(bias != -jnp.inf)
-  counted = row & nonempty
-  dtype = compute_dtype(x.dtype)
-  w_y = _losses._weighted(jnp.ones(y.shape, dtype), hp,
-                          jnp.clip(y, 0, w.shape[1] - 1))
-  zero = jnp.zeros(y.shape, dtype)
-  pre = _losses.Stats(zero, zero, counted, jnp.where(counted, w_y, 0.0),
-                      zero, zero, zero.astype(bool))
-  c_ce, c_z, _ = _losses.row_cotangents(pre, cfg.reduction, 1.0, True)
-  chunk = cfg.chunk
-
-  def step(carry, inp):
-    dw_acc, db_acc = carry
-    x_c, y_c, r_c, cce_c, cz_c = inp
-    z = _logits(x_c, w, bias)
-    st = _losses.row_stats(z, y_c, r_c, None, hp, True)
-    dz = _losses.grad_logits(z, y_c, None, hp, True, st, cce_c, cz_c)
-    dx_c, dw_c = _matmuls(x_c, w, dz, dx_on, dw_on)
-    if dw_on:
-      dw_acc = dw_acc + dw_c
-    if db_on:
-      db_acc = db_acc + jnp.sum(dz, axis=0)
-    return (dw_acc, db_acc), (st, dx_c)
-
-  init = (jnp.zeros(w.shape, dtype) if dw_on else None,
-          jnp.zeros(w.shape[1], dtype) if db_on else None)
-  (dw, db), (st, dx) = lax.scan(
-      step, init, tuple(_chunks(a, chunk) for a in (x, y, row, c_ce, c_z)))
-  st = jax.tree.map(_flat, st)
-  loss = _losses.reduce_rows(st, hp, cfg.reduction)
-  grads = (None if dx is None else _flat(dx),
-           None if dw is None else dw.astype(w.dtype),
-           None if db is None else db.astype(bias.dtype))
-  return loss, (True, grads, None)
+  grads = None
+  if in_forward:
+    # Per-row cotangents of a unit output cotangent need the mean's
+    # denominators before the loop: a row is counted iff it is unmasked and
+    # its support is non-empty, which only an all--inf bias can prevent.
+    nonempty = True if bias is None else jnp.any(bias != -jnp.inf)
+    counted = row & nonempty
+    dtype = compute_dtype(x.dtype)
+    w_y = _losses._weighted(jnp.ones(y.shape, dtype), hp,
+                            jnp.clip(y, 0, w.shape[1] - 1))
+    zero = jnp.zeros(y.shape, dtype)
+    pre = _losses.Stats(zero, zero, counted, jnp.where(counted, w_y, 0.0),
+                        zero, zero, zero.astype(bool))
+    cot = _losses.row_cotangents(pre, cfg.reduction, 1.0, True)
+    st, aux, *grads = _sweep(cfg, x, w, bias, y, row, hp, need, cot=cot)
+  else:
+    st, aux, *_ = _sweep(cfg, x, w, bias, y, row, hp, _Need())
+  # x, w, bias are inputs (no copy); kept for aux cotangents / recompute.
+  return _outputs(cfg, st, aux, hp), (grads, (x, w, bias, y, row, hp, st,
+                                              aux), need)
 
 
 def _fused_bwd(cfg, res, g):
-  in_forward, saved, flags = res
+  grads, saved, need = res
+  g, g_aux = g if cfg.aux else (g, None)
   if isinstance(g, SymbolicZero):
     g = jnp.zeros(g.shape, g.dtype)
-  if in_forward:
-    dx, dw, db = (None if a is None else (g * a).astype(a.dtype)
-                  for a in saved)
-    return dx, dw, db, None, None, None
-  x, w, bias, y, row, hp, st = saved
-  dx_on, dw_on, db_on, hp_on = flags
-  c_ce, c_z, mean_ce = _losses.row_cotangents(st, cfg.reduction, g, True)
-  chunk = cfg.chunk
-  dtype = compute_dtype(x.dtype)
-
-  def step(carry, inp):
-    dw_acc, db_acc, dh_acc = carry
-    x_c, y_c, cce_c, cz_c, st_c = inp
-    z = _logits(x_c, w, bias)
-    dz = _losses.grad_logits(z, y_c, None, hp, True, st_c, cce_c, cz_c)
-    dx_c, dw_c = _matmuls(x_c, w, dz, dx_on, dw_on)
-    if dw_on:
-      dw_acc = dw_acc + dw_c
-    if db_on:
-      db_acc = db_acc + jnp.sum(dz, axis=0)
-    if hp_on:
-      dh = _losses.grad_hyper(z, y_c, None, hp, True, st_c, cce_c, cz_c,
-                              mean_ce)
-      dh_acc = jax.tree.map(_add, dh_acc, dh)
-    return (dw_acc, db_acc, dh_acc), dx_c
-
-  dh0 = jax.tree.map(jnp.zeros_like, hp) if hp_on else None
-  init = (jnp.zeros(w.shape, dtype) if dw_on else None,
-          jnp.zeros(w.shape[1], dtype) if db_on else None, dh0)
-  xs = (_chunks(x, chunk), _chunks(y, chunk), _chunks(c_ce, chunk),
-        _chunks(c_z, chunk), jax.tree.map(lambda a: _chunks(a, chunk), st))
-  (dw, db, dh), dx = lax.scan(step, init, xs)
-  return (None if dx is None else _flat(dx),
-          None if dw is None else dw.astype(w.dtype),
-          None if db is None else db.astype(bias.dtype), None, None, dh)
+  aux_cot = (None, None) if g_aux is None else _losses.aux_cotangents(g_aux)
+  x, w, bias, y, row, hp, st, aux = saved
+  out = [None] * 4
+  cot = None
+  if grads is None:
+    cot = _losses.row_cotangents(st, cfg.reduction, g, True)
+  if cot is not None or aux_cot != (None, None):
+    out = list(_sweep(cfg, x, w, bias, y, row, hp, need, st, aux, cot,
+                      aux_cot)[2:])
+  if grads is not None:  # the loss's share was formed in the forward pass
+    for i, a in enumerate(grads[:3]):
+      if a is not None:
+        scaled = (g * a).astype(a.dtype)
+        out[i] = scaled if out[i] is None else out[i] + scaled
+  dx, dw, db, dh = out
+  return dx, dw, db, None, None, dh
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -230,7 +243,8 @@ def linear_cross_entropy(
     grad_in_forward: bool | None = None,
     axis_name: str | None = None,
     batch_axis_name: str | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _losses.LossAux]:
   r"""``cross_entropy(x @ w + bias, labels, ...)`` without the logits.
 
   Same value and gradients as :func:`cross_entropy` on the logits
@@ -273,6 +287,10 @@ def linear_cross_entropy(
       ``reduction="none"`` is an error.
     axis_name, batch_axis_name: reserved for the vocabulary-parallel
       version (not implemented yet: passing them raises).
+    return_aux: also return a :class:`LossAux` (per-row ``lse``,
+      ``entropy``, ``argmax``, ``correct``), formed in the same pass over
+      the chunks. When only the loss is differentiated the three-matmul
+      path is kept; non-zero aux cotangents add one recomputing sweep.
 
   Returns:
     A scalar, or the per-row loss of the labels' shape for ``"none"``.
@@ -333,8 +351,6 @@ def linear_cross_entropy(
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
     y2 = jnp.pad(y2, (0, pad))
     row2 = jnp.pad(row2, (0, pad))
-  out = _fused(_Cfg(reduction, chunk, grad_in_forward), x2, w, bias, y2,
-               row2, hp)
-  if reduction == "none":
-    out = out[:n].reshape(batch_shape)
-  return out
+  out = _fused(_Cfg(reduction, chunk, grad_in_forward, return_aux), x2, w,
+               bias, y2, row2, hp)
+  return _losses.shape_outputs(out, reduction, return_aux, batch_shape)

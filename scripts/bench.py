@@ -1,0 +1,570 @@
+"""Benchmark the losses: time and compiled temporaries of ``value_and_grad``.
+
+    python scripts/bench.py                          # both sections
+    python scripts/bench.py --section fused --shapes 2048x512x32000
+    python scripts/bench.py --quick --out /tmp/b     # smoke test, seconds
+
+Two sections, each with a memory-traffic or FLOP *floor* that the loss
+cannot beat:
+
+``logits`` (``BxV``): ``value_and_grad`` w.r.t. the logits ``z`` of
+  ``cross_entropy`` (jax_softmax, mean), ``optax`` (
+  ``softmax_cross_entropy_with_integer_labels(z, y).mean()``) and
+  ``log_softmax`` (a plain ``jax.nn.log_softmax`` version), against the
+  floor ``copy``: ``2 * z``, one read and one write of the logits. A loss
+  and its gradient read the logits at least twice and write the gradient
+  once: about 1.5x a copy.
+
+``fused`` (``BxDxV``): ``value_and_grad`` w.r.t. ``(x, w)`` of
+  ``fused`` (``linear_cross_entropy``, mean, gradient in the forward pass),
+  ``fused_recompute`` (``grad_in_forward=False``: four matmuls),
+  ``fused_aux`` (``return_aux=True`` with the aux kept as metrics; only
+  when ``jax_softmax.LossAux`` exists) and ``optax`` on ``x @ w`` (float32
+  accumulation), against the floor ``matmuls``: the three bare matmuls
+  ``x w``, ``g w^T`` and ``x^T g`` (``g`` a precomputed ``(B, V)`` array
+  in the input dtype, every product accumulated and returned in float32).
+
+Method: for each (shape, dtype) case every implementation is compiled
+first (``jax.jit(f).lower(*args).compile()``; its ``memory_analysis()``
+gives the compiled temporaries), called once to warm up, then timed
+*interleaved*: ``for run in range(runs): for impl in impls:`` one call,
+``block_until_ready``. The minimum per implementation is reported, so
+background load on a shared machine biases every implementation alike.
+An implementation whose temporaries plus outputs exceed ``--mem-limit-gib``
+(default: half the device's memory, or half the host's RAM on a CPU) is
+compiled but not run, and the table says so.
+
+``--scale`` adds a compile-only memory comparison at ``4096x256x262144``
+float32 (``fused`` vs ``optax``; optax is not run) and runs the fused loss
+once. Output: a markdown table on stdout (also ``results.md``),
+``results.json`` and ``ratios.png`` (time / floor) in ``--out``. Nothing is
+specific to a platform: the same command runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jax_softmax
+
+F32 = jnp.float32
+MIB = 2**20
+GIB = 2**30
+
+DEFAULT_SHAPES = {"logits": ((8192, 32000),),
+                  "fused": ((2048, 512, 32000), (1024, 1024, 128000))}
+QUICK_SHAPES = {"logits": ((256, 1000),),
+                "fused": ((96, 32, 999),)}
+SCALE_SHAPE = (4096, 256, 262144)
+QUICK_SCALE_SHAPE = (256, 32, 4096)
+QUICK_RUNS = 3
+FLOORS = {"logits": "copy", "fused": "matmuls"}
+SECTIONS = tuple(FLOORS)
+
+
+# ------------------------------------------------------------ impls
+@dataclass(frozen=True)
+class Impl:
+  """One benchmarked function: ``fn(*args)``, jitted by the bench."""
+  name: str
+  fn: Callable
+  loss: bool = True  # whether fn's first output is the loss
+
+
+def _logits_impls() -> list[Impl]:
+  def ours(z, y):
+    return jax_softmax.cross_entropy(z, y)
+
+  def with_optax(z, y):
+    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+  def plain(z, y):
+    lp = jax.nn.log_softmax(z, axis=-1)
+    return -jnp.take_along_axis(lp, y[:, None], axis=-1).mean()
+
+  def grad(f):
+    return jax.value_and_grad(f, argnums=0)
+
+  return [Impl("cross_entropy", grad(ours)),
+          Impl("optax", grad(with_optax)),
+          Impl("log_softmax", grad(plain)),
+          Impl("copy", lambda z, y: 2 * z, loss=False)]
+
+
+def _fused_impls() -> list[Impl]:
+  lce = jax_softmax.linear_cross_entropy
+
+  def fused(x, w, y, g):
+    return lce(x, w, y)
+
+  def recompute(x, w, y, g):
+    return lce(x, w, y, grad_in_forward=False)
+
+  def aux(x, w, y, g):
+    return lce(x, w, y, return_aux=True)
+
+  def with_optax(x, w, y, g):
+    z = jnp.matmul(x, w, preferred_element_type=F32)
+    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+  def matmuls(x, w, y, g):
+    mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=F32)  # noqa
+    return mm(x, w), mm(g, w.T), mm(x.T, g)
+
+  def grad(f, has_aux=False):
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=has_aux)
+
+  impls = [Impl("fused", grad(fused)),
+           Impl("fused_recompute", grad(recompute))]
+  if hasattr(jax_softmax, "LossAux"):
+    impls.append(Impl("fused_aux", grad(aux, has_aux=True)))
+  impls += [Impl("optax", grad(with_optax)),
+            Impl("matmuls", matmuls, loss=False)]
+  return impls
+
+
+IMPLS = {"logits": _logits_impls, "fused": _fused_impls}
+
+
+def all_impl_names() -> dict[str, list[str]]:
+  return {s: [i.name for i in make()] for s, make in IMPLS.items()}
+
+
+# ------------------------------------------------------------- data
+def make_args(section: str, shape: tuple[int, ...], dtype,
+              with_g: bool = True) -> tuple:
+  """Random inputs (logits of order 1), made on the host: no compiles.
+
+  ``g`` (the floor's ``(B, V)`` cotangent) is a ``(1, 1)`` placeholder
+  when ``with_g`` is False: only the ``matmuls`` floor reads it.
+  """
+  rng = np.random.default_rng(0)
+
+  def normal(shp, scale=1.0):
+    a = rng.standard_normal(shp, dtype=np.float32)
+    if scale != 1.0:
+      a *= np.float32(scale)
+    return jax.device_put(a.astype(dtype))
+
+  def labels(b, v):
+    return jax.device_put(rng.integers(0, v, b, dtype=np.int32))
+
+  if section == "logits":
+    b, v = shape
+    return normal((b, v), 2.0), labels(b, v)
+  b, d, v = shape
+  return (normal((b, d)), normal((d, v), 1 / math.sqrt(d)), labels(b, v),
+          normal((b, v) if with_g else (1, 1), 1 / v))
+
+
+def memory_limit_bytes() -> int:
+  """Half the device's memory if it reports it, else half the host RAM."""
+  stats = None
+  with contextlib.suppress(Exception):
+    stats = jax.devices()[0].memory_stats()
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]) // 2
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    ram = 16 * GIB
+  return int(ram) // 2
+
+
+def machine_info() -> dict:
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable = os.cpu_count()
+  return {"platform": platform.platform(),
+          "processor": platform.processor() or platform.machine(),
+          "python": platform.python_version(),
+          "jax": jax.__version__,
+          "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind,
+          "cpu_count": os.cpu_count(),
+          "cpus_usable": usable,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+# ----------------------------------------------------------- timing
+def _mem(compiled) -> dict:
+  ma = None
+  with contextlib.suppress(Exception):
+    ma = compiled.memory_analysis()
+  if ma is None:
+    return {"temp_bytes": None, "arg_bytes": None, "out_bytes": None}
+  return {"temp_bytes": int(ma.temp_size_in_bytes),
+          "arg_bytes": int(ma.argument_size_in_bytes),
+          "out_bytes": int(ma.output_size_in_bytes)}
+
+
+def _call(compiled, args) -> tuple[float, object]:
+  t0 = time.perf_counter()
+  out = compiled(*args)
+  jax.block_until_ready(out)
+  return time.perf_counter() - t0, out
+
+
+def _loss_value(impl: Impl, out) -> float | None:
+  if not impl.loss:
+    return None
+  value = out[0]
+  while isinstance(value, tuple):  # (loss, aux) under has_aux
+    value = value[0]
+  return float(value)
+
+
+def run_case(section, shape, dtype, impls, runs, mem_limit, log):
+  """Compile all impls, warm each up, time them interleaved; rows out."""
+  gc.collect()
+  args = make_args(section, shape, dtype)
+  jax.block_until_ready(args)
+  rows, compiled = {}, {}
+  for impl in impls:
+    t0 = time.perf_counter()
+    comp = jax.jit(impl.fn).lower(*args).compile()
+    row = {"section": section, "shape": list(shape),
+           "dtype": jnp.dtype(dtype).name, "impl": impl.name,
+           "floor": FLOORS[section], "compile_s": time.perf_counter() - t0,
+           **_mem(comp), "skipped": None, "loss": None, "times_ms": []}
+    need = (row["temp_bytes"] or 0) + (row["out_bytes"] or 0)
+    if need > mem_limit:
+      row["skipped"] = (f"skipped: needs {need / GIB:.1f} GiB of "
+                        f"temporaries and outputs > limit "
+                        f"{mem_limit / GIB:.1f} GiB")
+      log(f"  {impl.name}: {row['skipped']}")
+    else:
+      compiled[impl.name] = comp
+    rows[impl.name] = row
+  by_name = {i.name: i for i in impls}
+  for name, comp in compiled.items():  # one warm-up call each
+    dt, out = _call(comp, args)
+    rows[name]["warmup_ms"] = 1e3 * dt
+    rows[name]["loss"] = _loss_value(by_name[name], out)
+    del out
+  for _ in range(runs):
+    for name, comp in compiled.items():
+      dt, out = _call(comp, args)
+      del out
+      rows[name]["times_ms"].append(1e3 * dt)
+  del args, compiled
+  return _finish(list(rows.values()))
+
+
+def _finish(rows):
+  """Fill min/median times and the ratios to the floor and to optax."""
+  for r in rows:
+    t = r["times_ms"]
+    r["min_ms"] = min(t) if t else None
+    r["median_ms"] = statistics.median(t) if t else None
+  by = {r["impl"]: r for r in rows}
+  for r in rows:
+    for key, ref in (("ratio_floor", r["floor"]), ("ratio_optax", "optax")):
+      base = by.get(ref, {}).get("min_ms")
+      r[key] = (r["min_ms"] / base
+                if r["min_ms"] is not None and base else None)
+  return rows
+
+
+def run_scale(shape, runs_fused, mem_limit, log):
+  """Compile fused and optax at a large shape; run only the fused one."""
+  section = "fused"
+  impls = [i for i in _fused_impls() if i.name in ("fused", "optax")]
+  gc.collect()
+  args = make_args(section, shape, F32, with_g=False)
+  jax.block_until_ready(args)
+  rows = []
+  for impl in impls:
+    comp = jax.jit(impl.fn).lower(*args).compile()
+    row = {"section": "scale", "shape": list(shape), "dtype": "float32",
+           "impl": impl.name, **_mem(comp), "times_ms": [], "loss": None,
+           "skipped": None}
+    need = (row["temp_bytes"] or 0) + (row["out_bytes"] or 0)
+    if impl.name == "optax":
+      row["skipped"] = "compile only (memory comparison)"
+    elif need > mem_limit:
+      row["skipped"] = (f"skipped: needs {need / GIB:.1f} GiB > limit "
+                        f"{mem_limit / GIB:.1f} GiB")
+    else:
+      for _ in range(runs_fused):
+        dt, out = _call(comp, args)
+        row["loss"] = _loss_value(impl, out)
+        del out
+        row["times_ms"].append(1e3 * dt)
+    row["min_ms"] = min(row["times_ms"]) if row["times_ms"] else None
+    log(f"  scale {impl.name}: temporaries "
+        f"{_fmt_mib(row['temp_bytes'])} MiB"
+        + (f", {row['min_ms']:.1f} ms" if row["min_ms"] else "")
+        + (f" ({row['skipped']})" if row["skipped"] else ""))
+    rows.append(row)
+    del comp
+  return rows
+
+
+# ----------------------------------------------------------- output
+def _fmt_mib(b):
+  return "n/a" if b is None else f"{b / MIB:.1f}"
+
+
+def _fmt(x, spec):
+  return "–" if x is None else format(x, spec)
+
+
+def shape_str(shape):
+  return "x".join(str(s) for s in shape)
+
+
+def table(rows) -> str:
+  head = ("| shape | dtype | impl | min ms | median ms | / floor | / optax "
+          "| temporaries MiB | note |")
+  lines = [head, "|" + "---|" * 9]
+  for r in rows:
+    note = r["skipped"] or ("floor" if r["impl"] == r.get("floor") else "")
+    lines.append(
+        f"| {shape_str(r['shape'])} | {r['dtype']} | {r['impl']} "
+        f"| {_fmt(r['min_ms'], '.2f')} | {_fmt(r.get('median_ms'), '.2f')} "
+        f"| {_fmt(r.get('ratio_floor'), '.3f')} "
+        f"| {_fmt(r.get('ratio_optax'), '.3f')} "
+        f"| {_fmt_mib(r['temp_bytes'])} | {note} |")
+  return "\n".join(lines)
+
+
+def plot(results, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  sections = [s for s in SECTIONS if any(r["section"] == s for r in results)]
+  fig, axes = plt.subplots(1, max(len(sections), 1), squeeze=False,
+                           figsize=(6.5 * max(len(sections), 1), 4.5))
+  for ax, section in zip(axes[0], sections, strict=False):
+    rows = [r for r in results if r["section"] == section]
+    cases = list(dict.fromkeys(
+        (shape_str(r["shape"]), r["dtype"]) for r in rows))
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+      vals = []
+      for shape, dtype in cases:
+        match = [r for r in rows if r["impl"] == name
+                 and shape_str(r["shape"]) == shape and r["dtype"] == dtype]
+        ratio = match[0]["ratio_floor"] if match else None
+        vals.append(np.nan if ratio is None else ratio)
+      pos = np.arange(len(cases)) + (k - (len(names) - 1) / 2) * width
+      bars = ax.bar(pos, vals, width, label=name)
+      ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(cases)),
+                  [f"{s}\n{d}" for s, d in cases], fontsize=8)
+    ax.set_ylabel(f"time / {FLOORS[section]} (min of interleaved runs)")
+    ax.set_title(f"{section}: value_and_grad time relative to the floor")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------ flags
+def _shapes(text):
+  try:
+    shapes = [tuple(int(n) for n in part.lower().split("x"))
+              for part in text.split(",") if part.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected shapes like 8192x32000,2048x512x32000; got {text!r}"
+    ) from None
+  if not shapes or any(len(s) not in (2, 3) or min(s) < 1 for s in shapes):
+    raise argparse.ArgumentTypeError(
+        f"each shape is BxV (logits) or BxDxV (fused); got {text!r}")
+  return shapes
+
+
+def _dtypes(text):
+  out = []
+  for name in text.split(","):
+    if name.strip() not in ("float32", "bfloat16", "float16"):
+      raise argparse.ArgumentTypeError(
+          f"dtype must be float32, bfloat16 or float16; got {name!r}")
+    out.append(jnp.dtype(name.strip()))
+  return out
+
+
+def _csv(text):
+  return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _positive_int(text):
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an int, got {text!r}"
+                                     ) from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  names = all_impl_names()
+  p = argparse.ArgumentParser(
+      prog="bench.py", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--section", choices=(*SECTIONS, "all"), default="all")
+  p.add_argument(
+      "--shapes", type=_shapes, default=None,
+      help="comma list; BxV shapes go to the logits section and BxDxV to "
+      "the fused one (default: " + ", ".join(
+          f"{s} " + ",".join(map(shape_str, v))
+          for s, v in DEFAULT_SHAPES.items()) + ")")
+  p.add_argument("--dtype", type=_dtypes, default="float32,bfloat16",
+                 help="comma list of float32, bfloat16, float16")
+  p.add_argument(
+      "--impls", type=_csv, default=None,
+      help="comma list (default: all of the section; the floor always "
+      "runs). " + "; ".join(f"{s}: {','.join(v)}" for s, v in names.items()))
+  p.add_argument("--runs", type=_positive_int, default=None,
+                 help=f"interleaved timed runs (default 7; {QUICK_RUNS} "
+                 "with --quick)")
+  p.add_argument("--out", type=Path, default=Path("bench_out"),
+                 help="directory for results.json, results.md, ratios.png")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny shapes (unless --shapes): a smoke test")
+  p.add_argument("--scale", action="store_true",
+                 help=f"also compare temporaries at {shape_str(SCALE_SHAPE)} "
+                 "float32, fused vs optax (optax compiled only)")
+  p.add_argument("--mem-limit-gib", type=float, default=None,
+                 help="skip running an impl whose temporaries + outputs "
+                 "exceed this (default: half the device memory or host RAM)")
+  return p
+
+
+def plan(args, parser) -> dict[str, tuple[list, list[str]]]:
+  """Per section: (shapes, impl names) to run."""
+  sections = SECTIONS if args.section == "all" else (args.section,)
+  names = all_impl_names()
+  known = {n for s in sections for n in names[s]}
+  if args.impls:
+    unknown = [n for n in args.impls if n not in known]
+    if unknown:
+      parser.error(f"unknown --impls {unknown} for section(s) {sections}; "
+                   f"known: {sorted(known)}")
+  out = {}
+  for s in sections:
+    rank = 2 if s == "logits" else 3
+    if args.shapes is not None:
+      shapes = [sh for sh in args.shapes if len(sh) == rank]
+      if not shapes:
+        if args.section != "all":
+          parser.error(f"--shapes has no {'BxV' if rank == 2 else 'BxDxV'} "
+                       f"shape for section {s}")
+        continue
+    else:
+      shapes = list((QUICK_SHAPES if args.quick else DEFAULT_SHAPES)[s])
+    chosen = [n for n in names[s]
+              if args.impls is None or n in args.impls or n == FLOORS[s]]
+    out[s] = (shapes, chosen)
+  return out
+
+
+# ------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  runs = args.runs or (QUICK_RUNS if args.quick else 7)
+  work = plan(args, parser)
+  mem_limit = (int(args.mem_limit_gib * GIB) if args.mem_limit_gib
+               else memory_limit_bytes())
+  args.out.mkdir(parents=True, exist_ok=True)
+  report = io.StringIO()
+
+  def say(text=""):
+    print(text, flush=True)
+    report.write(text + "\n")
+
+  def log(text):  # progress: stderr only
+    print(text, file=sys.stderr, flush=True)
+
+  machine = machine_info()
+  say("# jax_softmax benchmark")
+  say()
+  say(f"- machine: {machine['platform']} ({machine['processor']}), "
+      f"{machine['cpu_count']} CPUs ({machine['cpus_usable']} usable)")
+  say(f"- jax {machine['jax']}, backend {machine['backend']}, devices "
+      f"{machine['devices']} ({machine['device_kind']})")
+  say(f"- {runs} interleaved runs per case after one warm-up call; the "
+      f"minimum is reported; memory limit {mem_limit / GIB:.1f} GiB")
+  if machine["xla_flags"]:
+    say(f"- XLA_FLAGS={machine['xla_flags']}")
+
+  t_start = time.perf_counter()
+  results, scale = [], []
+  for section, (shapes, names) in work.items():
+    impls = [i for i in IMPLS[section]() if i.name in names]
+    rows = []
+    for shape in shapes:
+      for dtype in args.dtype:
+        t0 = time.perf_counter()
+        log(f"[{section}] {shape_str(shape)} {jnp.dtype(dtype).name}: "
+            f"{', '.join(names)}")
+        case = run_case(section, shape, dtype, impls, runs, mem_limit, log)
+        log(f"  done in {time.perf_counter() - t0:.1f} s")
+        rows += case
+    results += rows
+    say()
+    say(f"## {section} (floor: {FLOORS[section]})")
+    say()
+    say(table(rows))
+  if args.scale:
+    shape = QUICK_SCALE_SHAPE if args.quick else SCALE_SHAPE
+    log(f"[scale] {shape_str(shape)} float32")
+    scale = run_scale(shape, 1, mem_limit, log)
+    say()
+    say(f"## scale: {shape_str(shape)} float32 (compile-only for optax)")
+    say()
+    say("| impl | temporaries MiB | outputs MiB | ms (one run) | note |")
+    say("|---|---|---|---|---|")
+    for r in scale:
+      say(f"| {r['impl']} | {_fmt_mib(r['temp_bytes'])} "
+          f"| {_fmt_mib(r['out_bytes'])} | {_fmt(r['min_ms'], '.1f')} "
+          f"| {r['skipped'] or ''} |")
+    temps = {r["impl"]: r["temp_bytes"] for r in scale}
+    if temps.get("fused") and temps.get("optax"):
+      say()
+      say(f"optax / fused temporaries: "
+          f"{temps['optax'] / temps['fused']:.1f}x")
+  wall = time.perf_counter() - t_start
+  say()
+  say(f"wall time {wall:.1f} s")
+
+  data = {"machine": machine, "runs": runs, "mem_limit_bytes": mem_limit,
+          "argv": sys.argv[1:] if argv is None else list(argv),
+          "wall_s": wall, "results": results, "scale": scale}
+  (args.out / "results.json").write_text(json.dumps(data, indent=1))
+  (args.out / "results.md").write_text(report.getvalue())
+  if results:
+    plot(results, args.out / "ratios.png")
+  return data
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,102 @@
+"""Smoke test of scripts/bench.py: ``--quick`` end to end, in-process."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("jax_softmax_bench", BENCH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
+  try:
+    spec.loader.exec_module(module)
+    yield module
+  finally:
+    sys.modules.pop(spec.name, None)
+
+
+def test_quick_run_writes_complete_results(bench, tmp_path, capsys):
+  bench.main(["--quick", "--scale", "--runs", "2", "--dtype", "float32",
+              "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  data = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "ratios.png").stat().st_size > 1000
+  assert (tmp_path / "results.md").read_text() in printed
+  assert "| shape | dtype | impl | min ms" in printed
+  assert data["machine"]["devices"] and data["machine"]["cpu_count"]
+
+  rows = data["results"]
+  names = bench.all_impl_names()
+  for section, impls in names.items():
+    floor = bench.FLOORS[section]
+    assert floor in impls and "optax" in impls
+    for dtype in ("float32",):
+      case = {r["impl"]: r for r in rows
+              if r["section"] == section and r["dtype"] == dtype}
+      assert set(case) == set(impls), (section, dtype)
+      for name, r in case.items():
+        assert r["skipped"] is None
+        assert len(r["times_ms"]) == 2 and min(r["times_ms"]) > 0
+        assert r["min_ms"] == min(r["times_ms"])
+        assert r["temp_bytes"] is not None and r["temp_bytes"] >= 0
+        assert r["ratio_floor"] > 0 and r["ratio_optax"] > 0
+        if name != floor:
+          assert math.isfinite(r["loss"]) and r["loss"] > 0
+      assert case[floor]["ratio_floor"] == 1.0
+      assert case["optax"]["ratio_optax"] == 1.0
+      # Every loss implementation computes the same mean cross-entropy.
+      ref = case["optax"]["loss"]
+      for name in impls:
+        if name != floor:
+          assert case[name]["loss"] == pytest.approx(ref, rel=1e-4), name
+
+  scale = {r["impl"]: r for r in data["scale"]}
+  assert set(scale) == {"fused", "optax"}
+  assert scale["fused"]["min_ms"] > 0 and scale["optax"]["times_ms"] == []
+  assert scale["optax"]["temp_bytes"] >= scale["fused"]["temp_bytes"]
+
+
+def test_bfloat16_subset_with_the_floor(bench, tmp_path):
+  bench.main(["--section", "fused", "--shapes", "64x16x300", "--impls",
+              "fused", "--dtype", "bfloat16", "--runs", "1", "--out",
+              str(tmp_path)])
+  data = json.loads((tmp_path / "results.json").read_text())
+  rows = {r["impl"]: r for r in data["results"]}
+  assert set(rows) == {"fused", "matmuls"}
+  assert {r["dtype"] for r in rows.values()} == {"bfloat16"}
+  assert rows["matmuls"]["ratio_floor"] == 1.0
+  assert rows["fused"]["ratio_floor"] > 0
+  assert rows["fused"]["ratio_optax"] is None  # optax not selected
+  assert math.isfinite(rows["fused"]["loss"])
+  assert (tmp_path / "ratios.png").exists()
+
+
+def test_memory_limit_skips_instead_of_running(bench, tmp_path, capsys):
+  bench.main(["--quick", "--section", "logits", "--impls", "optax",
+              "--dtype", "float32", "--runs", "1", "--mem-limit-gib", "1e-9",
+              "--out", str(tmp_path)])
+  data = json.loads((tmp_path / "results.json").read_text())
+  rows = {r["impl"]: r for r in data["results"]}
+  assert set(rows) == {"optax", "copy"}  # the floor always comes along
+  for r in rows.values():
+    assert "limit" in r["skipped"] and r["times_ms"] == []
+    assert r["min_ms"] is None and r["ratio_floor"] is None
+    assert r["temp_bytes"] is not None  # compiled, analysed, not run
+  assert capsys.readouterr().out.count("| skipped: needs ") == 2
+
+
+def test_flags_are_validated(bench):
+  with pytest.raises(SystemExit):
+    bench.main(["--impls", "nope"])
+  with pytest.raises(SystemExit):
+    bench.main(["--section", "fused", "--shapes", "64x100"])
+  with pytest.raises(SystemExit):
+    bench.main(["--dtype", "int8"])

@@ -18,11 +18,14 @@ cannot beat:
 ``fused`` (``BxDxV``): ``value_and_grad`` w.r.t. ``(x, w)`` of
   ``fused`` (``linear_cross_entropy``, mean, gradient in the forward pass),
   ``fused_recompute`` (``grad_in_forward=False``: four matmuls),
-  ``fused_aux`` (``return_aux=True`` with the aux kept as metrics; only
-  when ``jax_softmax.LossAux`` exists) and ``optax`` on ``x @ w`` (float32
-  accumulation), against the floor ``matmuls``: the three bare matmuls
-  ``x w``, ``g w^T`` and ``x^T g`` (``g`` a precomputed ``(B, V)`` array
-  in the input dtype, every product accumulated and returned in float32).
+  ``optax`` on ``x @ w`` (float32 accumulation) and, when
+  ``jax_softmax.LossAux`` exists, ``return_aux=True`` three ways:
+  ``fused_aux`` (aux kept as metrics, ``has_aux=True``),
+  ``fused_aux_discard`` (aux dropped) and ``fused_aux_entropy`` (``loss -
+  0.01 * mean(aux.entropy)`` differentiated: not the same loss), against
+  the floor ``matmuls``: the three bare matmuls ``x w``, ``g w^T`` and
+  ``x^T g`` (``g`` a precomputed ``(B, V)`` array in the input dtype, every
+  product accumulated and returned in float32).
 
 Method: for each (shape, dtype) case every implementation is compiled
 first (``jax.jit(f).lower(*args).compile()``; its ``memory_analysis()``
@@ -118,8 +121,15 @@ def _fused_impls() -> list[Impl]:
   def recompute(x, w, y, g):
     return lce(x, w, y, grad_in_forward=False)
 
-  def aux(x, w, y, g):
+  def aux(x, w, y, g):  # aux kept as metrics, not differentiated
     return lce(x, w, y, return_aux=True)
+
+  def aux_discard(x, w, y, g):
+    return lce(x, w, y, return_aux=True)[0]
+
+  def aux_entropy(x, w, y, g):  # entropy bonus: aux differentiated
+    loss, aux_ = lce(x, w, y, return_aux=True)
+    return loss - 0.01 * jnp.mean(aux_.entropy)
 
   def with_optax(x, w, y, g):
     z = jnp.matmul(x, w, preferred_element_type=F32)
@@ -135,7 +145,9 @@ def _fused_impls() -> list[Impl]:
   impls = [Impl("fused", grad(fused)),
            Impl("fused_recompute", grad(recompute))]
   if hasattr(jax_softmax, "LossAux"):
-    impls.append(Impl("fused_aux", grad(aux, has_aux=True)))
+    impls += [Impl("fused_aux", grad(aux, has_aux=True)),
+              Impl("fused_aux_discard", grad(aux_discard)),
+              Impl("fused_aux_entropy", grad(aux_entropy))]
   impls += [Impl("optax", grad(with_optax)),
             Impl("matmuls", matmuls, loss=False)]
   return impls

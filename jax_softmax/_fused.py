@@ -60,6 +60,23 @@ class _Cfg(NamedTuple):
   chunk: int
   grad_in_forward: bool | None
   aux: bool = False
+  axis_name: str | None = None     # mesh axis splitting the vocabulary
+  batch_axis: str | None = None    # mesh axis splitting the batch
+  varying: tuple[str, ...] = ()    # shard_map axes the inputs vary over
+
+
+def _vocab_shard(cfg, n_local: int) -> _losses.VocabShard | None:
+  if cfg.axis_name is None:
+    return None
+  index = lax.axis_index(cfg.axis_name)
+  return _losses.VocabShard(cfg.axis_name, index * n_local,
+                            n_local * lax.axis_size(cfg.axis_name))
+
+
+def _zeros(cfg, shape, dtype):
+  """Zeros typed as varying over the inputs' mesh axes (scan carries)."""
+  z = jnp.zeros(shape, dtype)
+  return lax.pcast(z, cfg.varying, to="varying") if cfg.varying else z
 
 
 def _logits(x_c, w, bias):
@@ -119,6 +136,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   g_lse, g_ent = aux_cot
   forms_dz = cot is not None or g_lse is not None or g_ent is not None
   mean_ce = None if cot is None else cot[2]
+  shard = _vocab_shard(cfg, w.shape[1])
 
   def step(carry, inp):
     dw_acc, db_acc, dh_acc = carry
@@ -126,14 +144,15 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
     z = _logits(x_c, w, bias)
     out_st = out_aux = dx_c = None
     if st_c is None:
-      st_c = out_st = _losses.row_stats(z, y_c, r_c, None, hp, True)
+      st_c = out_st = _losses.row_stats(z, y_c, r_c, None, hp, True, shard)
       if cfg.aux:
         aux_c = out_aux = _losses.row_aux(z, y_c, st_c.counted, None, hp,
-                                          True)
+                                          True, shard)
     if forms_dz:
       dz = jnp.zeros(z.shape, dtype)
       if cot_c is not None:
-        dz = dz + _losses.grad_logits(z, y_c, None, hp, True, st_c, *cot_c)
+        dz = dz + _losses.grad_logits(z, y_c, None, hp, True, st_c, *cot_c,
+                                      shard)
       if gl_c is not None or ge_c is not None:
         dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c)
       dx_c, dw_c = _matmuls(x_c, w, dz, need.dx, need.dw)
@@ -147,8 +166,8 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
         dh_acc = jax.tree.map(_add, dh_acc, dh)
     return (dw_acc, db_acc, dh_acc), (out_st, out_aux, dx_c)
 
-  init = (jnp.zeros(w.shape, dtype) if forms_dz and need.dw else None,
-          jnp.zeros(w.shape[1], dtype) if forms_dz and need.dbias else None,
+  init = (_zeros(cfg, w.shape, dtype) if forms_dz and need.dw else None,
+          _zeros(cfg, w.shape[1], dtype) if forms_dz and need.dbias else None,
           jax.tree.map(jnp.zeros_like, hp)
           if cot is not None and need.hyper else None)
   xs = (x, y, row, st, aux, None if cot is None else cot[:2], g_lse, g_ent)
@@ -162,7 +181,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
 
 
 def _outputs(cfg, st, aux, hp):
-  loss = _losses.reduce_rows(st, hp, cfg.reduction)
+  loss = _losses.reduce_rows(st, hp, cfg.reduction, cfg.batch_axis)
   return (loss, aux) if cfg.aux else loss
 
 
@@ -176,6 +195,10 @@ def _fused_fwd(cfg, *args):
   (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on) = (
       _losses.unwrap_primals(a) for a in args)
   need = _Need(dx_on, dw_on, db_on, hp_on)
+  if hp_on and cfg.axis_name is not None:
+    raise NotImplementedError(
+        "gradients with respect to hyperparameters are not implemented for "
+        "the vocabulary-parallel loss (axis_name); stop_gradient them.")
   in_forward = (cfg.reduction != "none" and not hp_on
                 and cfg.grad_in_forward is not False)
   grads = None
@@ -183,15 +206,22 @@ def _fused_fwd(cfg, *args):
     # Per-row cotangents of a unit output cotangent need the mean's
     # denominators before the loop: a row is counted iff it is unmasked and
     # its support is non-empty, which only an all--inf bias can prevent.
-    nonempty = True if bias is None else jnp.any(bias != -jnp.inf)
-    counted = row & nonempty
+    shard = _vocab_shard(cfg, w.shape[1])
+    vocab = w.shape[1] if shard is None else shard.num_classes
+    counted = row
+    if bias is not None:
+      nonempty = jnp.any(bias != -jnp.inf).astype(jnp.int32)
+      if shard is not None:
+        nonempty = lax.pmax(nonempty, shard.name)
+      counted = row & (nonempty > 0)
     dtype = compute_dtype(x.dtype)
     w_y = _losses._weighted(jnp.ones(y.shape, dtype), hp,
-                            jnp.clip(y, 0, w.shape[1] - 1))
+                            jnp.clip(y, 0, vocab - 1))
     zero = jnp.zeros(y.shape, dtype)
     pre = _losses.Stats(zero, zero, counted, jnp.where(counted, w_y, 0.0),
                         zero, zero, zero.astype(bool))
-    cot = _losses.row_cotangents(pre, cfg.reduction, 1.0, True)
+    cot = _losses.row_cotangents(pre, cfg.reduction, 1.0, True,
+                                 cfg.batch_axis)
     st, aux, *grads = _sweep(cfg, x, w, bias, y, row, hp, need, cot=cot)
   else:
     st, aux, *_ = _sweep(cfg, x, w, bias, y, row, hp, _Need())
@@ -210,7 +240,7 @@ def _fused_bwd(cfg, res, g):
   out = [None] * 4
   cot = None
   if grads is None:
-    cot = _losses.row_cotangents(st, cfg.reduction, g, True)
+    cot = _losses.row_cotangents(st, cfg.reduction, g, True, cfg.batch_axis)
   if cot is not None or aux_cot != (None, None):
     out = list(_sweep(cfg, x, w, bias, y, row, hp, need, st, aux, cot,
                       aux_cot)[2:])
@@ -224,6 +254,28 @@ def _fused_bwd(cfg, res, g):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def _varying(a) -> frozenset[str]:
+  return frozenset(jax.typeof(a).manual_axis_type.varying)
+
+
+def _mesh_typing(cfg, diff, other):
+  """Inside ``shard_map``: casts the differentiable inputs to the union of
+  all inputs' varying mesh axes (``lax.pcast``), so the transposes of those
+  casts sum ``dx`` over the vocabulary axis and ``dw`` over the batch axis.
+  Gradients need ``check_vma=True`` (shard_map's default): without it
+  nothing is typed and the partial gradients are not summed."""
+  union: frozenset[str] = frozenset()
+  for a in jax.tree.leaves((diff, other)):
+    union |= _varying(a)
+  if not union:
+    return cfg, diff
+  axes = tuple(sorted(union))
+  cast = tuple(None if a is None else lax.pcast(
+      a, tuple(sorted(union - _varying(a))), to="varying")
+      if union - _varying(a) else a for a in diff)
+  return cfg._replace(varying=axes), cast
 
 
 def linear_cross_entropy(
@@ -285,8 +337,16 @@ def linear_cross_entropy(
     grad_in_forward: None chooses (True for scalar reductions); False
       forces recomputation in the backward pass; True with
       ``reduction="none"`` is an error.
-    axis_name, batch_axis_name: reserved for the vocabulary-parallel
-      version (not implemented yet: passing them raises).
+    axis_name: inside ``jax.shard_map``, the mesh axis over which ``w``
+      (and ``bias``) are split on ``V``; labels are global ids. Per-row max
+      and sums combine with ``pmax``/``psum`` (a few ``(chunk,)``
+      collectives per chunk, never an all-gather), smoothing and z-loss
+      run over the global vocabulary, and ``dx`` is summed over the axis.
+      Needs ``check_vma=True`` (the default) for gradients; hyperparameter
+      gradients are not supported there.
+    batch_axis_name: inside ``jax.shard_map``, the mesh axis splitting the
+      batch: ``"mean"``/``"sum"`` then reduce over the global batch (the
+      result is replicated) and ``dw`` is summed over it.
     return_aux: also return a :class:`LossAux` (per-row ``lse``,
       ``entropy``, ``argmax``, ``correct``), formed in the same pass over
       the chunks. When only the loss is differentiated the three-matmul
@@ -306,10 +366,6 @@ def linear_cross_entropy(
     >>> bool(jnp.allclose(fused, cross_entropy(x @ w, y)))
     True
   """
-  if axis_name is not None or batch_axis_name is not None:
-    raise NotImplementedError(
-        "axis_name / batch_axis_name (vocabulary-parallel and global-batch "
-        "reductions) are not implemented yet.")
   _checks.check_reduction(reduction)
   if grad_in_forward and reduction == "none":
     raise ValueError("grad_in_forward=True needs a scalar reduction ('mean' "
@@ -322,7 +378,9 @@ def linear_cross_entropy(
   dtype = jnp.result_type(x.dtype, w.dtype)
   x, w = x.astype(dtype), w.astype(dtype)
   batch_shape = x.shape[:-1]
-  vocab = w.shape[1]
+  vocab = w.shape[1]  # this device's slice with axis_name, global below
+  global_vocab = vocab * (1 if axis_name is None else
+                          lax.axis_size(axis_name))
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integer class ids; got {labels.dtype}.")
@@ -337,10 +395,10 @@ def linear_cross_entropy(
                                  "batch")
   if ignore_index is not None:
     row = row & (labels != ignore_index)
-  _checks.check_labels(labels, vocab, ignore_index, False,
+  _checks.check_labels(labels, global_vocab, ignore_index, False,
                        row if where is not None else None)
   hp = _losses.make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
-                          vocab, compute_dtype(dtype))
+                          global_vocab, compute_dtype(dtype))
   n = math.prod(batch_shape)
   x2, y2, row2 = x.reshape(n, -1), labels.reshape(n), row.reshape(n)
   chunk = chunk_size or default_chunk_size(n, vocab)
@@ -351,6 +409,9 @@ def linear_cross_entropy(
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
     y2 = jnp.pad(y2, (0, pad))
     row2 = jnp.pad(row2, (0, pad))
-  out = _fused(_Cfg(reduction, chunk, grad_in_forward, return_aux), x2, w,
-               bias, y2, row2, hp)
+  cfg = _Cfg(reduction, chunk, grad_in_forward, return_aux, axis_name,
+             batch_axis_name)
+  if axis_name is not None or batch_axis_name is not None:
+    cfg, (x2, w, bias) = _mesh_typing(cfg, (x2, w, bias), (y2, row2))
+  out = _fused(cfg, x2, w, bias, y2, row2, hp)
   return _losses.shape_outputs(out, reduction, return_aux, batch_shape)

@@ -21,6 +21,7 @@ from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax import _checks
@@ -94,7 +95,57 @@ def _weighted(x, hp, axis_value=None):
   return x * hp.class_weights.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
-def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool) -> Stats:
+class VocabShard(NamedTuple):
+  """This device's slice of a class axis split over the mesh axis ``name``.
+
+  Reductions over classes become ``pmax``/``psum`` over ``name``; labels
+  are global class ids; ``offset`` is the first global id held here.
+  """
+
+  name: str
+  offset: jax.Array
+  num_classes: int
+
+
+def _cmax(x, shard: VocabShard | None):
+  m = jnp.max(x, axis=-1)
+  return m if shard is None else lax.pmax(m, shard.name)
+
+
+def _csum(x, shard: VocabShard | None):
+  s = jnp.sum(x, axis=-1)
+  return s if shard is None else lax.psum(s, shard.name)
+
+
+def _class_ids(n_local: int, shard: VocabShard | None):
+  ids = jnp.arange(n_local)
+  return ids if shard is None else ids + shard.offset
+
+
+def _num_classes(n_local: int, shard: VocabShard | None) -> int:
+  return n_local if shard is None else shard.num_classes
+
+
+def _take_target(a, y, shard: VocabShard | None):
+  """``a[row, y[row]]`` for global ids ``y`` (0 for out-of-range ids)."""
+  n = a.shape[-1]
+  local = y if shard is None else y - shard.offset
+  v = jnp.take_along_axis(a, jnp.clip(local, 0, n - 1)[:, None], -1)[:, 0]
+  if shard is None:
+    return v
+  return lax.psum(jnp.where((local >= 0) & (local < n), v, 0.0), shard.name)
+
+
+def _local_weights(hp: Hyper, n_local: int, shard: VocabShard | None):
+  """Hyperparameters with this shard's slice of the class weights."""
+  if shard is None or hp.class_weights is None:
+    return hp
+  return hp._replace(class_weights=lax.dynamic_slice_in_dim(
+      hp.class_weights, shard.offset, n_local))
+
+
+def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
+              shard: VocabShard | None = None) -> Stats:
   """Forward pass over a ``(rows, C)`` block.
 
   Args:
@@ -104,32 +155,34 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool) -> Stats:
     cmask: ``(rows, C)`` bool class mask, or None.
     hp: hyperparameters.
     is_int: whether ``target`` holds class indices.
+    shard: the class axis is split over a mesh axis (integer labels only).
   """
-  num_classes = z.shape[-1]
+  num_classes = _num_classes(z.shape[-1], shard)
   zc = _support_logits(z, cmask, hp)
-  m = jnp.max(zc, axis=-1)
+  m = _cmax(zc, shard)
   counted = row & (m != _NEG_INF)           # NaN rows stay counted
   zc = jnp.where(counted[:, None], zc, 0.0)   # uncounted rows: harmless zeros
   m = jnp.where(counted, m, 0.0)
   shifted = zc - m[:, None]
-  log_s = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+  log_s = jnp.log(_csum(jnp.exp(shifted), shard))
   lse = m + log_s
   valid = zc != _NEG_INF
   eps = hp.label_smoothing
-  k = jnp.sum(valid, axis=-1).astype(zc.dtype)
+  k = _csum(valid.astype(zc.dtype), shard)
   one = jnp.ones_like(m)
   if is_int:
     yc = jnp.clip(target, 0, num_classes - 1)
     bad = counted & ((target < 0) | (target >= num_classes))
-    z_y = jnp.take_along_axis(shifted, yc[:, None], axis=-1)[:, 0]
+    z_y = _take_target(shifted, target, shard)
     nll_y = jnp.where(bad, jnp.nan, log_s - z_y)
     w_y = _weighted(one, hp, yc)
     ce = w_y * nll_y
     a = w_y
     if eps is not None:
       # (eps / K) sum_S w_c nll_c = (W_S log_s - sum_S w_c (z_c - m)) / K
-      w_s = jnp.sum(_weighted(valid.astype(zc.dtype), hp), axis=-1)
-      wz = jnp.sum(jnp.where(valid, _weighted(shifted, hp), 0.0), axis=-1)
+      local = _local_weights(hp, z.shape[-1], shard)
+      w_s = _csum(_weighted(valid.astype(zc.dtype), local), shard)
+      wz = _csum(jnp.where(valid, _weighted(shifted, local), 0.0), shard)
       smooth = (w_s * log_s - wz) / k
       ce = (1 - eps) * ce + eps * smooth
       a = (1 - eps) * w_y + eps * w_s / k
@@ -161,7 +214,7 @@ def _probs(z, cmask, hp, st):
 
 
 def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
-                 c_ce, c_z):
+                 c_ce, c_z, shard: VocabShard | None = None):
   """``d loss / d zc`` with respect to the capped logits ``zc``."""
   valid = zc != _NEG_INF
   eps = hp.label_smoothing
@@ -169,8 +222,9 @@ def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
   if hp.z_loss is not None:
     coef = coef + c_z * 2 * hp.z_loss * st.lse
   if is_int:
-    onehot = jnp.arange(zc.shape[-1])[None, :] == target[:, None]
-    ones = _weighted(jnp.ones_like(p), hp)
+    onehot = _class_ids(zc.shape[-1], shard)[None, :] == target[:, None]
+    ones = _weighted(jnp.ones_like(p), _local_weights(hp, zc.shape[-1],
+                                                      shard))
     tw = jnp.where(onehot, ones, 0.0)
     if eps is not None:
       tw = (1 - eps) * tw + eps * jnp.where(valid, ones, 0.0) / st.k[:, None]
@@ -180,7 +234,7 @@ def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
 
 
 def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
-                c_ce, c_z):
+                c_ce, c_z, shard: VocabShard | None = None):
   """``d loss / d z`` for a block, in the compute dtype.
 
   ``c_ce`` and ``c_z`` are per-row cotangents ``(rows,)`` of the
@@ -188,7 +242,7 @@ def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   Exactly 0 on uncounted rows and masked classes, NaN on bad-label rows.
   """
   zc, p = _probs(z, cmask, hp, st)
-  g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z)
+  g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
   if hp.soft_cap is not None:
     g = g * jnp.where(zc != _NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
   keep = st.counted[:, None]
@@ -282,18 +336,24 @@ class LossAux(NamedTuple):
   correct: jax.Array
 
 
-def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool) -> LossAux:
+def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool,
+            shard: VocabShard | None = None) -> LossAux:
   """:class:`LossAux` of a ``(rows, C)`` block (one more pass over it)."""
   zc = _support_logits(z, cmask, hp)
-  m = jnp.max(zc, axis=-1, keepdims=True)
+  m = _cmax(zc, shard)[:, None]
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   shifted = zc - m
   e = jnp.exp(shifted)
-  s = jnp.sum(e, axis=-1)
-  mean_shift = jnp.sum(jnp.where(zc != _NEG_INF, e * shifted, 0.0), -1) / s
+  s = _csum(e, shard)
+  mean_shift = _csum(jnp.where(zc != _NEG_INF, e * shifted, 0.0), shard) / s
   log_s = jnp.log(s)
   raw = z if cmask is None else jnp.where(cmask, z, _NEG_INF)
   top = jnp.argmax(raw, axis=-1)
+  if shard is not None:  # first global maximum: ties go to the lowest id
+    best = jnp.max(raw, axis=-1)
+    top = jnp.where(best == lax.pmax(best, shard.name), top + shard.offset,
+                    shard.num_classes)
+    top = lax.pmin(top, shard.name)
   want = target if is_int else jnp.argmax(target, axis=-1)
   return LossAux(m[:, 0] + log_s, log_s - mean_shift, top,
                  counted & (top == want))
@@ -337,19 +397,31 @@ def aux_cotangents(ct: LossAux):
 # reductions shared by every loss
 
 
-def reduce_rows(st: Stats, hp: Hyper, reduction: str) -> jax.Array:
-  """Applies ``reduction`` to the per-row terms of ``st``."""
-  ce = st.ce if reduction == "none" else jnp.sum(st.ce)
+def _bsum(x, batch_axis: str | None):
+  """Sum over rows, and over the mesh axis ``batch_axis`` if given."""
+  s = jnp.sum(x)
+  return s if batch_axis is None else lax.psum(s, batch_axis)
+
+
+def reduce_rows(st: Stats, hp: Hyper, reduction: str,
+                batch_axis: str | None = None) -> jax.Array:
+  """Applies ``reduction`` to the per-row terms of ``st``.
+
+  With ``batch_axis`` the sums (and the mean's denominators) run over the
+  global batch split over that mesh axis.
+  """
+  ce = st.ce if reduction == "none" else _bsum(st.ce, batch_axis)
   if reduction == "mean":
-    ce = ce / _nonzero(jnp.sum(st.weight))
+    ce = ce / _nonzero(_bsum(st.weight, batch_axis))
   if hp.z_loss is None:
     return ce
   z_rows = jnp.where(st.counted, st.lse * st.lse, 0.0)
   if reduction == "none":
     return ce + hp.z_loss * z_rows
-  z_sum = jnp.sum(z_rows)
+  z_sum = _bsum(z_rows, batch_axis)
   if reduction == "mean":
-    z_sum = z_sum / _nonzero(jnp.sum(st.counted.astype(st.ce.dtype)))
+    z_sum = z_sum / _nonzero(_bsum(st.counted.astype(st.ce.dtype),
+                                   batch_axis))
   return ce + hp.z_loss * z_sum
 
 
@@ -358,7 +430,8 @@ def _nonzero(d):
   return jnp.where(d == 0, 1.0, d)
 
 
-def row_cotangents(st: Stats, reduction: str, g, is_int: bool
+def row_cotangents(st: Stats, reduction: str, g, is_int: bool,
+                   batch_axis: str | None = None
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-row cotangents ``(c_ce, c_z, mean_ce)`` of a reduced loss.
 
@@ -368,10 +441,10 @@ def row_cotangents(st: Stats, reduction: str, g, is_int: bool
   g = jnp.asarray(g, st.ce.dtype)
   zero = jnp.zeros((), st.ce.dtype)
   if reduction == "mean":
-    d = _nonzero(jnp.sum(st.weight))
-    n = _nonzero(jnp.sum(st.counted.astype(st.ce.dtype)))
+    d = _nonzero(_bsum(st.weight, batch_axis))
+    n = _nonzero(_bsum(st.counted.astype(st.ce.dtype), batch_axis))
     c_ce, c_z = g / d, g / n
-    mean_ce = jnp.sum(st.ce) / d if is_int else zero
+    mean_ce = _bsum(st.ce, batch_axis) / d if is_int else zero
   else:
     c_ce = c_z = g
     mean_ce = zero

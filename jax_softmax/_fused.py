@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec as P
 
 from jax_softmax import _checks, _losses
 from jax_softmax._primitives import compute_dtype
@@ -61,7 +62,7 @@ class _Cfg(NamedTuple):
   grad_in_forward: bool | None
   aux: bool = False
   axis_name: str | None = None     # mesh axis splitting the vocabulary
-  batch_axis: str | None = None    # mesh axis splitting the batch
+  batch_axis: str | tuple[str, ...] | None = None  # mesh axes of the batch
   varying: tuple[str, ...] = ()    # shard_map axes the inputs vary over
 
 
@@ -367,6 +368,8 @@ def linear_cross_entropy(
     True
   """
   _checks.check_reduction(reduction)
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
   if grad_in_forward and reduction == "none":
     raise ValueError("grad_in_forward=True needs a scalar reduction ('mean' "
                      "or 'sum'); reduction='none' recomputes in backward.")
@@ -399,19 +402,56 @@ def linear_cross_entropy(
                        row if where is not None else None)
   hp = _losses.make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                           global_vocab, compute_dtype(dtype))
+  cfg = _Cfg(reduction, chunk_size or 0, grad_in_forward, return_aux,
+             axis_name, batch_axis_name)
+  lead = None
+  if axis_name is None and batch_axis_name is None:
+    lead = _explicit_batch_spec(x, w, bias)
+  if lead is None:
+    return _local_loss(cfg, x, w, bias, labels, row, hp)
+  # Explicit mesh axes shard the batch: each device runs the chunk loop on
+  # its own rows, reductions psum over those axes (no all-gather of x).
+  axes = tuple(a for entry in lead if entry is not None
+               for a in ((entry,) if isinstance(entry, str) else entry))
+  rows = P(*lead)
+  per_row = P() if reduction != "none" else rows
+  aux_specs = _losses.LossAux(*[rows] * 4)  # type: ignore[arg-type]
+  out_specs = (per_row, aux_specs) if return_aux else per_row
+  local = jax.shard_map(
+      functools.partial(_local_loss, cfg._replace(batch_axis=axes)),
+      mesh=jax.typeof(x).sharding.mesh,
+      in_specs=(P(*lead, None), P(), P(), rows, rows, P()),
+      out_specs=out_specs)
+  return local(x, w, bias, jax.reshard(labels, rows), jax.reshard(row, rows),
+               hp)
+
+
+def _explicit_batch_spec(x, w, bias):
+  """The batch dims' spec when Explicit mesh axes shard ``x``'s batch and
+  ``w``/``bias`` are replicated, else None."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  spec += (None,) * (x.ndim - len(spec))
+  lead = spec[:-1]
+  replicated = all(all(e is None for e in jax.typeof(a).sharding.spec)
+                   for a in (w, bias) if a is not None)
+  if spec[-1] is None and replicated and any(e is not None for e in lead):
+    return lead
+  return None
+
+
+def _local_loss(cfg, x, w, bias, labels, row, hp):
+  """The fused loss over this device's rows (all rows off a mesh)."""
+  batch_shape = x.shape[:-1]
   n = math.prod(batch_shape)
   x2, y2, row2 = x.reshape(n, -1), labels.reshape(n), row.reshape(n)
-  chunk = chunk_size or default_chunk_size(n, vocab)
-  if chunk < 1:
-    raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
+  chunk = cfg.chunk or default_chunk_size(n, w.shape[1])
   pad = -n % chunk
   if pad:
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
     y2 = jnp.pad(y2, (0, pad))
     row2 = jnp.pad(row2, (0, pad))
-  cfg = _Cfg(reduction, chunk, grad_in_forward, return_aux, axis_name,
-             batch_axis_name)
-  if axis_name is not None or batch_axis_name is not None:
+  cfg = cfg._replace(chunk=chunk)
+  if cfg.axis_name is not None or cfg.batch_axis is not None:
     cfg, (x2, w, bias) = _mesh_typing(cfg, (x2, w, bias), (y2, row2))
   out = _fused(cfg, x2, w, bias, y2, row2, hp)
-  return _losses.shape_outputs(out, reduction, return_aux, batch_shape)
+  return _losses.shape_outputs(out, cfg.reduction, cfg.aux, batch_shape)

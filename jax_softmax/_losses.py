@@ -397,14 +397,15 @@ def aux_cotangents(ct: LossAux):
 # reductions shared by every loss
 
 
-def _bsum(x, batch_axis: str | None):
+def _bsum(x, batch_axis: str | tuple[str, ...] | None):
   """Sum over rows, and over the mesh axis ``batch_axis`` if given."""
   s = jnp.sum(x)
   return s if batch_axis is None else lax.psum(s, batch_axis)
 
 
 def reduce_rows(st: Stats, hp: Hyper, reduction: str,
-                batch_axis: str | None = None) -> jax.Array:
+                batch_axis: str | tuple[str, ...] | None = None
+                ) -> jax.Array:
   """Applies ``reduction`` to the per-row terms of ``st``.
 
   With ``batch_axis`` the sums (and the mean's denominators) run over the
@@ -431,7 +432,7 @@ def _nonzero(d):
 
 
 def row_cotangents(st: Stats, reduction: str, g, is_int: bool,
-                   batch_axis: str | None = None
+                   batch_axis: str | tuple[str, ...] | None = None
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-row cotangents ``(c_ce, c_z, mean_ce)`` of a reduced loss.
 

@@ -248,21 +248,41 @@ def test_far_rows_seed_fails_ours_exact(kind):
 
 
 def test_far_label_logit_within_row():
-  """Row max is fine but the label's logit is 700 below it: loss 700/n."""
+  """The label's logit 800 below its row's max (and the global max)."""
   W = np.eye(2)  # noqa: N806
-  X = np.array([[200.0, 900.0], [1.0, 0.0]])  # noqa: N806
+  X = np.array([[100.0, 900.0], [900.0, 899.0]])  # noqa: N806
   y = np.array([0, 0])
   with np.errstate(invalid="ignore", divide="ignore"):
     seed_loss, _ = seed_softmax_with_gradients(W, X, y, 0.0)
   assert seed_loss == np.inf
   expected = ref_loss(W, X, y)
-  np.testing.assert_allclose(expected, (700.0 + np.log1p(np.exp(-1))) / 2,
-                             rtol=1e-14)
+  np.testing.assert_allclose(
+      expected, (800.0 + np.log1p(np.exp(-800)) + np.log1p(np.exp(-1))) / 2,
+      rtol=1e-14)
   loss = linear_softmax_loss(W.astype(np.float32), X.astype(np.float32), y)
   np.testing.assert_allclose(loss, expected, rtol=1e-7)
 
 
-@settings(deadline=None, max_examples=25, derandomize=True)
+@pytest.mark.parametrize("offset", [1e3, 1e6])
+def test_float32_gradient_at_large_logits(offset):
+  """Logits that are exact in float32 but large: the gradient stays exact.
+
+  ``p = exp(z - lse)`` with ``lse = m + log_s`` rounded to float32 loses
+  ``|lse| * 2**-24`` in the exponent; ``exp((z - m) - log_s)`` does not.
+  """
+  W = np.eye(2, dtype=np.float32)  # noqa: N806
+  X = np.array([[offset, offset + 0.5], [0.0, 1.0]], np.float32)  # noqa: N806
+  y = np.array([0, 1])
+  expected_w = ref_grad_w(W, X, y)
+  d_w, d_x = jax.jit(jax.grad(linear_softmax_loss, argnums=(0, 1)))(W, X, y)
+  with jax.enable_x64(True):
+    e_x = jax.jit(jax.grad(plain_loss, argnums=1))(W.astype(np.float64),
+                                                   X.astype(np.float64), y)
+  np.testing.assert_allclose(d_x, e_x, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(d_w, expected_w, rtol=1e-6, atol=1e-7)
+
+
+@settings(deadline=None, max_examples=25)
 @given(st.integers(0, 2**16),
        st.lists(st.sampled_from([0.0, -3000.0, -1000.0, 800.0, 5000.0]),
                 min_size=5, max_size=5))
@@ -282,8 +302,9 @@ def test_row_shifts_do_not_change_the_loss(seed, shifts):
 # gradients
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("jit, dtype", [(False, np.float32),
+                                        (True, np.float32),
+                                        (True, np.float64)])
 def test_grad_equals_dw(jit, dtype):
   W, X, y = _problem(5, dtype=dtype)  # noqa: N806
   grad = jax.grad(linear_softmax_loss)
@@ -293,8 +314,11 @@ def test_grad_equals_dw(jit, dtype):
   with jax.enable_x64(dtype == np.float64):
     g = grad(W, X, y, 0.3)
     loss, d_w = swg(W, X, y, 0.3)
-    np.testing.assert_array_equal(g, d_w)
-    np.testing.assert_array_equal(loss, linear_softmax_loss(W, X, y, 0.3))
+    # the same computation, jitted or not: equal up to XLA's fusion
+    same = 1e-15 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(g, d_w, rtol=same, atol=same)
+    np.testing.assert_allclose(loss, linear_softmax_loss(W, X, y, 0.3),
+                               rtol=same)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(d_w, ref_grad_w(W, X, y, 0.3), rtol=tol,
                                atol=tol)
@@ -314,10 +338,10 @@ def test_value_and_grad_vs_plain(name):
     def plain(w, x, reg):
       return plain_loss(w, x, args[2], reg, **jopts)
 
-    v, g = jax.value_and_grad(ours, argnums=(0, 1, 2))(args[0], args[1],
-                                                       args[3])
-    pv, pg = jax.value_and_grad(plain, argnums=(0, 1, 2))(args[0], args[1],
-                                                          args[3])
+    v, g = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(
+        args[0], args[1], args[3])
+    pv, pg = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(
+        args[0], args[1], args[3])
     np.testing.assert_allclose(v, expected, rtol=1e-13)
     np.testing.assert_allclose(pv, expected, rtol=1e-13)
     chex.assert_trees_all_close(g, pg, rtol=1e-11, atol=1e-14)
@@ -333,14 +357,15 @@ def test_check_grads_reverse(name):
     def f(w, x, reg):
       return linear_softmax_loss(w, x, y, reg, **jopts)
 
-    check_grads(f, (W, X, 0.4), order=2, modes=["rev"])
+    check_grads(jax.jit(f), (W, X, 0.4), order=2, modes=["rev"])
 
 
 def test_grad_float32_vs_float64_reference():
   W, X, y = _problem(11, n=40, d=10, c=7, dtype=np.float32)  # noqa: N806
-  d_w, d_x = jax.grad(linear_softmax_loss, argnums=(0, 1))(W, X, y, 0.1)
+  d_w, d_x = jax.jit(jax.grad(linear_softmax_loss, argnums=(0, 1)))(
+      W, X, y, 0.1)
   with jax.enable_x64(True):
-    e_w, e_x = jax.grad(plain_loss, argnums=(0, 1))(
+    e_w, e_x = jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(
         W.astype(np.float64), X.astype(np.float64), y, 0.1)
   chex.assert_type([d_w, d_x], jnp.float32)
   np.testing.assert_allclose(d_w, e_w, rtol=1e-5, atol=1e-6)
@@ -351,9 +376,9 @@ def test_grad_float32_vs_float64_reference():
 def test_low_precision(dtype):
   W, X, y = _problem(2, n=16, d=6, c=5)  # noqa: N806
   W, X = W.astype(dtype), X.astype(dtype)  # noqa: N806
-  loss = linear_softmax_loss(W, X, y, 0.1)
+  loss, (d_w, d_x) = jax.jit(jax.value_and_grad(linear_softmax_loss,
+                                                argnums=(0, 1)))(W, X, y, 0.1)
   chex.assert_type(loss, jnp.float32)
-  d_w, d_x = jax.grad(linear_softmax_loss, argnums=(0, 1))(W, X, y, 0.1)
   chex.assert_type([d_w, d_x], dtype)
   w64, x64 = np.asarray(W, np.float64), np.asarray(X, np.float64)
   np.testing.assert_allclose(loss, ref_loss(w64, x64, y, 0.1), rtol=1e-2)
@@ -382,12 +407,10 @@ def test_where_is_the_mean_over_counted_rows():
   keep = np.array([True, False, True, True, False, False, True, True, False,
                    True, True, False])
   with jax.enable_x64(True):
-    masked = linear_softmax_loss(W, X, y, 0.1, where=keep)
-    subset = linear_softmax_loss(W, X[keep], y[keep], 0.1)
+    vg = jax.jit(jax.value_and_grad(linear_softmax_loss, argnums=(0, 1)))
+    masked, (g_w, g_x) = vg(W, X, y, 0.1, where=keep)
+    subset, (s_w, _) = vg(W, X[keep], y[keep], 0.1)
     np.testing.assert_allclose(masked, subset, rtol=1e-14)
-    g_w, g_x = jax.grad(linear_softmax_loss, argnums=(0, 1))(
-        W, X, y, 0.1, where=keep)
-    s_w = jax.grad(linear_softmax_loss)(W, X[keep], y[keep], 0.1)
     np.testing.assert_allclose(g_w, s_w, rtol=1e-13, atol=1e-15)
     np.testing.assert_array_equal(g_x[~keep], 0.0)
 
@@ -398,10 +421,10 @@ def test_ignore_index_is_the_mean_over_counted_rows():
   keep = y != -100
   with jax.enable_x64(True):
     ignored = linear_softmax_loss(W, X, y, ignore_index=-100)
-    subset = linear_softmax_loss(W, X[keep], y[keep])
+    subset = jax.jit(linear_softmax_loss)(W, X[keep], y[keep])
     np.testing.assert_allclose(ignored, subset, rtol=1e-14)
-    g_x = jax.grad(linear_softmax_loss, argnums=1)(W, X, y,
-                                                   ignore_index=-100)
+    g_x = jax.jit(jax.grad(linear_softmax_loss, argnums=1),
+                  static_argnames="ignore_index")(W, X, y, ignore_index=-100)
     np.testing.assert_array_equal(g_x[~keep], 0.0)
 
 
@@ -409,7 +432,8 @@ def test_class_weights_mean_divides_by_summed_weights():
   W, X, y = _problem(6)  # noqa: N806
   cw = np.array([0.5, 2.0, 1.0, 3.0])
   with jax.enable_x64(True):
-    per_row = jnp.stack([linear_softmax_loss(W, X[i:i + 1], y[i:i + 1])
+    one_row = jax.jit(linear_softmax_loss)
+    per_row = jnp.stack([one_row(W, X[i:i + 1], y[i:i + 1])
                          for i in range(len(y))])
     expected = jnp.sum(cw[y] * per_row) / np.sum(cw[y])
     got = linear_softmax_loss(W, X, y, class_weights=cw)
@@ -420,8 +444,8 @@ def test_all_rows_masked_leaves_the_penalty():
   W, X, y = _problem(8)  # noqa: N806
   with jax.enable_x64(True):
     none = np.zeros(len(y), bool)
-    loss, g = jax.value_and_grad(linear_softmax_loss)(W, X, y, 0.5,
-                                                      where=none)
+    loss, g = jax.jit(jax.value_and_grad(linear_softmax_loss))(
+        W, X, y, 0.5, where=none)
     np.testing.assert_allclose(loss, 0.5 * np.sum(W * W), rtol=1e-15)
     np.testing.assert_allclose(g, W, rtol=1e-15)
 
@@ -435,19 +459,16 @@ def test_masked_row_contents_do_not_matter():
   W, X, y = _problem(9, dtype=np.float32)  # noqa: N806
   keep = np.ones(len(y), bool)
   keep[4] = False
-  clean = jax.value_and_grad(linear_softmax_loss, argnums=(0, 1))(
-      W, X, y, 0.1, where=keep)
+  vg = jax.jit(jax.value_and_grad(linear_softmax_loss, argnums=(0, 1)))
+  clean = vg(W, X, y, 0.1, where=keep)
   y_bad = y.copy()
   y_bad[4] = 99
-  loss, _ = jax.value_and_grad(linear_softmax_loss, argnums=(0, 1))(
-      W, X, y_bad, 0.1, where=keep)
+  loss, _ = vg(W, X, y_bad, 0.1, where=keep)
   np.testing.assert_array_equal(loss, clean[0])
   for bad in (np.nan, np.inf):
     x_bad = X.copy()
     x_bad[4] = bad
-    loss, (g_w, g_x) = jax.value_and_grad(linear_softmax_loss,
-                                          argnums=(0, 1))(
-        W, x_bad, y, 0.1, where=keep)
+    loss, (g_w, g_x) = vg(W, x_bad, y, 0.1, where=keep)
     np.testing.assert_array_equal(loss, clean[0])
     np.testing.assert_array_equal(g_x[4], 0.0)
     np.testing.assert_allclose(g_w, clean[1][0], rtol=1e-6, atol=1e-7)
@@ -462,8 +483,8 @@ def test_vmap_over_an_ensemble_of_weights():
   Ws = np.random.default_rng(1).standard_normal((6, 5, 4))  # noqa: N806
   regs = np.linspace(0.0, 0.5, 6)
   with jax.enable_x64(True):
-    loss = jax.vmap(linear_softmax_loss, in_axes=(0, None, None, None))(
-        Ws, X, y, 0.1)
+    loss = jax.jit(jax.vmap(linear_softmax_loss,
+                            in_axes=(0, None, None, None)))(Ws, X, y, 0.1)
     losses, d_ws = jax.vmap(softmax_with_gradients,
                             in_axes=(0, None, None, 0))(Ws, X, y, regs)
     chex.assert_shape(loss, (6,))
@@ -488,10 +509,10 @@ def test_vmap_over_batches():
     def f(w, x, y, m):
       return linear_softmax_loss(w, x, y, 0.2, where=m)
 
-    vals, (g_w, g_x) = jax.vmap(jax.value_and_grad(f, argnums=(0, 1)),
-                                in_axes=(None, 0, 0, 0))(W, Xs, ys, masks)
-    loop = [jax.value_and_grad(f, argnums=(0, 1))(W, Xs[i], ys[i], masks[i])
-            for i in range(3)]
+    vg = jax.value_and_grad(f, argnums=(0, 1))
+    vals, (g_w, g_x) = jax.jit(jax.vmap(vg, in_axes=(None, 0, 0, 0)))(
+        W, Xs, ys, masks)
+    loop = [jax.jit(vg)(W, Xs[i], ys[i], masks[i]) for i in range(3)]
     for i in range(3):
       np.testing.assert_allclose(vals[i], ref_loss(W, Xs[i], ys[i], 0.2,
                                                    where=masks[i]),
@@ -518,10 +539,10 @@ def test_hessian_reverse_over_reverse(name):
     def plain(w):
       return plain_loss(w, X, y, 0.3, **jopts)
 
-    h = jax.jacrev(jax.grad(ours))(W)
+    h = jax.jit(jax.jacrev(jax.grad(ours)))(W)
     chex.assert_shape(h, W.shape + W.shape)
-    chex.assert_trees_all_close(h, jax.hessian(plain)(W), rtol=1e-10,
-                                atol=1e-13)
+    chex.assert_trees_all_close(h, jax.jit(jax.hessian(plain))(W),
+                                rtol=1e-10, atol=1e-13)
     flat = h.reshape(W.size, W.size)
     np.testing.assert_allclose(flat, flat.T, rtol=1e-12, atol=1e-14)
 
@@ -530,15 +551,24 @@ def test_mixed_second_derivatives():
   """d/dX and d/dreg of grad_W (influence functions, hypergradients)."""
   W, X, y = _problem(13, n=6, d=3, c=4)  # noqa: N806
   with jax.enable_x64(True):
-    jac = jax.jacrev(jax.grad(linear_softmax_loss), argnums=(1, 3))(
-        W, X, y, 0.3)
-    expected = jax.jacfwd(jax.grad(plain_loss), argnums=(1, 3))(W, X, y, 0.3)
-    chex.assert_trees_all_close(jac, expected, rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(jac[1], 2 * W, rtol=1e-15)
-    h_xx = jax.jacrev(jax.grad(linear_softmax_loss, argnums=1), argnums=1)(
-        W, X, y, 0.3)
-    chex.assert_trees_all_close(h_xx, jax.hessian(plain_loss, argnums=1)(
-        W, X, y, 0.3), rtol=1e-10, atol=1e-13)
+
+    @jax.jit
+    def ours(w, x, reg):
+      jac = jax.jacrev(jax.grad(linear_softmax_loss), argnums=(1, 3))(
+          w, x, y, reg)
+      h_xx = jax.jacrev(jax.grad(linear_softmax_loss, argnums=1), argnums=1)(
+          w, x, y, reg)
+      return jac, h_xx
+
+    @jax.jit
+    def plain(w, x, reg):
+      jac = jax.jacfwd(jax.grad(plain_loss), argnums=(1, 3))(w, x, y, reg)
+      return jac, jax.hessian(plain_loss, argnums=1)(w, x, y, reg)
+
+    got = ours(W, X, 0.3)
+    chex.assert_trees_all_close(got, plain(W, X, 0.3), rtol=1e-10,
+                                atol=1e-13)
+    np.testing.assert_allclose(got[0][1], 2 * W, rtol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["plain", "all"])
@@ -558,9 +588,10 @@ def test_hessian_vector_product(name):
       return jax.grad(lambda w: jnp.vdot(jax.grad(ours)(w), v))(w)
 
     got = jax.jit(hvp)(W, v)
-    expected = jax.jvp(jax.grad(plain), (W,), (v,))[1]
+    expected = jax.jit(lambda w, v: jax.jvp(jax.grad(plain), (w,), (v,))[1])(
+        W, v)
     np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-14)
-    h = jax.jacrev(jax.grad(ours))(W).reshape(W.size, W.size)
+    h = jax.jit(jax.jacrev(jax.grad(ours)))(W).reshape(W.size, W.size)
     np.testing.assert_allclose(got.ravel(), h @ v.ravel(), rtol=1e-11,
                                atol=1e-14)
 
@@ -587,7 +618,7 @@ def test_newton_converges():
     w = jnp.zeros_like(W)
     for _ in range(12):
       w = newton(w)
-    assert float(jnp.max(jnp.abs(jax.grad(f)(w)))) < 1e-12
+    assert float(jnp.max(jnp.abs(jax.jit(jax.grad(f))(w)))) < 1e-12
 
 
 # --------------------------------------------------------------------------
@@ -612,7 +643,7 @@ def test_reg_traced_under_jit_gradient_is_sum_of_squares():
   with jax.enable_x64(True):
     w64 = W.astype(np.float64)
     g = jax.jit(jax.grad(linear_softmax_loss, argnums=3))(w64, X, y, 0.7)
-    np.testing.assert_array_equal(g, jnp.sum(w64 * w64))
+    np.testing.assert_allclose(g, np.sum(w64 * w64), rtol=1e-15)
 
 
 def test_reg_schedule_and_hypergradient():
@@ -629,7 +660,7 @@ def test_reg_schedule_and_hypergradient():
 
     ours = jax.jit(jax.value_and_grad(
         lambda r: train(r, linear_softmax_loss)))(0.3)
-    plain = jax.value_and_grad(lambda r: train(r, plain_loss))(0.3)
+    plain = jax.jit(jax.value_and_grad(lambda r: train(r, plain_loss)))(0.3)
     chex.assert_trees_all_close(ours, plain, rtol=1e-11, atol=1e-14)
 
 
@@ -680,8 +711,6 @@ def test_bad_concrete_label_names_label_and_position(label, pos):
   y[pos] = label
   with pytest.raises(ValueError, match=rf"label {label} at position \({pos},"):
     linear_softmax_loss(W, X, y)
-  with pytest.raises(ValueError, match=rf"label {label} at position"):
-    softmax_with_gradients(W, X, y, 0.1)
 
 
 def test_labels_that_are_not_counted_are_not_checked():
@@ -700,7 +729,7 @@ def test_labels_that_are_not_counted_are_not_checked():
 def test_traced_bad_label_gives_nan():
   W, X, y = _problem(0, dtype=np.float32)  # noqa: N806
   y[1] = 4
-  loss, g = jax.jit(softmax_with_gradients)(W, X, y, 0.1)
+  loss, g = jax.jit(jax.value_and_grad(linear_softmax_loss))(W, X, y, 0.1)
   assert np.isnan(loss)
   assert np.isnan(g).any()
 
@@ -711,6 +740,7 @@ def test_traced_bad_label_gives_nan():
 
 def test_digits_lbfgs_matches_sklearn():
   from sklearn.datasets import load_digits
+  from sklearn.exceptions import ConvergenceWarning
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler
 
@@ -722,7 +752,7 @@ def test_digits_lbfgs_matches_sklearn():
   with warnings.catch_warnings():
     # A tolerance this small may end on a ConvergenceWarning once lbfgs
     # stalls at round-off; the objective comparison below is the check.
-    warnings.simplefilter("ignore")
+    warnings.simplefilter("ignore", ConvergenceWarning)
     clf = LogisticRegression(C=1.0 / (2 * reg * n), fit_intercept=False,
                              tol=1e-12, max_iter=10_000, solver="lbfgs")
     clf.fit(X, y)
@@ -758,9 +788,10 @@ def test_digits_lbfgs_matches_sklearn():
     w, state = solve(jnp.zeros((d, c)))
     ours = float(objective(w))
     theirs = float(objective(jnp.asarray(clf.coef_.T)))
-    grad_norm = float(optax.tree.norm(jax.grad(objective)(w)))
+    grad_norm = float(optax.tree.norm(jax.jit(jax.grad(objective))(w)))
 
   assert grad_norm < 1e-8, grad_norm
   assert abs(ours - theirs) <= 1e-6 * abs(theirs), (ours, theirs)
   assert ours <= theirs + 1e-12, (ours, theirs)
-  np.testing.assert_allclose(w, clf.coef_.T, atol=1e-3)
+  # strictly convex: one minimiser
+  np.testing.assert_allclose(w, clf.coef_.T, atol=1e-5)

@@ -64,8 +64,8 @@ def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
         grad_in_forward=grad_in_forward, **opts))
 
   def plain(x, w, bias):
-    return scalar(js.cross_entropy(x @ w + bias[None, :], y, reduction=reduction,
-                                   **opts))
+    return scalar(js.cross_entropy(x @ w + bias[None, :], y,
+                                   reduction=reduction, **opts))
 
   got = jax.value_and_grad(fused, (0, 1, 2))(x, w, bias)
   want = jax.value_and_grad(plain, (0, 1, 2))(x, w, bias)

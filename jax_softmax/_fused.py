@@ -87,8 +87,12 @@ def _logits(x_c, w, bias):
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def _matmuls(x_c, w, dz, need_dx, need_dw):
-  """``dx_c = dz w^T`` and ``x_c^T dz`` (float32 accumulation)."""
+def _matmuls(x_c, w, dz, counted, need_dx, need_dw):
+  """``dx_c = dz w^T`` and ``x_c^T dz`` (float32 accumulation).
+
+  Uncounted rows of ``x_c`` may hold anything (NaN padding): they are
+  zeroed for ``dw`` so that ``0 * NaN`` cannot reach it.
+  """
   f32 = dz.dtype
   dz = dz.astype(x_c.dtype)
   dx = dw = None
@@ -96,6 +100,7 @@ def _matmuls(x_c, w, dz, need_dx, need_dw):
     dx = lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
                          preferred_element_type=f32).astype(x_c.dtype)
   if need_dw:
+    x_c = jnp.where(counted[:, None], x_c, 0)
     dw = lax.dot_general(x_c, dz, (((0,), (0,)), ((), ())),
                          preferred_element_type=f32)
   return dx, dw
@@ -155,8 +160,8 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
         dz = dz + _losses.grad_logits(z, y_c, None, hp, True, st_c, *cot_c,
                                       shard)
       if gl_c is not None or ge_c is not None:
-        dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c)
-      dx_c, dw_c = _matmuls(x_c, w, dz, need.dx, need.dw)
+        dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c, shard)
+      dx_c, dw_c = _matmuls(x_c, w, dz, st_c.counted, need.dx, need.dw)
       if need.dw:
         dw_acc = dw_acc + dw_c
       if need.dbias:

@@ -26,6 +26,8 @@ def _linear_loss_bwd(res, g):
   c_ce, c_z, mean_ce = _losses.row_cotangents(st, "mean", g, True)
   dz = _losses.grad_logits(z, y, None, hp, True, st, c_ce, c_z)
   f32 = dz.dtype
+  # Uncounted rows may hold anything (NaN padding): keep them out of dW.
+  x = jnp.where(st.counted[:, None], x, 0)
   dw = jnp.matmul(x.T, dz.astype(x.dtype), preferred_element_type=f32)
   dw = dw + 2 * g * reg * w
   dx = jnp.matmul(dz.astype(w.dtype), w.T, preferred_element_type=f32)
@@ -115,7 +117,6 @@ def linear_softmax_loss(
   return _linear_loss(w, x, labels, row, jnp.asarray(reg, dtype), hp)
 
 
-@jax.jit
 def softmax_with_gradients(
     W: jax.typing.ArrayLike,  # noqa: N803
     X: jax.typing.ArrayLike,  # noqa: N803
@@ -137,5 +138,12 @@ def softmax_with_gradients(
     Array([[-0.25,  0.25],
            [ 0.25, -0.25]], dtype=float32)
   """
-  return jax.value_and_grad(linear_softmax_loss)(W, X, y, reg)
+  labels = jnp.asarray(y)
+  if jnp.issubdtype(labels.dtype, jnp.integer) and jnp.ndim(W) == 2:
+    # Concrete labels are checked here, outside the jitted computation.
+    _checks.check_labels(labels, jnp.shape(W)[1], None, False)
+  return _value_and_grad(W, X, labels, reg)
+
+
+_value_and_grad = jax.jit(jax.value_and_grad(linear_softmax_loss))
 

@@ -49,6 +49,8 @@ class Stats(NamedTuple):
   a: jax.Array         # total target mass: d ce / d z = a * p - t_w
   k: jax.Array         # |S|, the support size (smoothing spreads over it)
   bad: jax.Array       # bool: counted row whose integer label is out of range
+  shift: jax.Array | None = None  # the row maximum m (0 if uncounted)
+  log_s: jax.Array | None = None  # log sum exp(z - m): p = exp(z - m - log_s)
 
 
 def make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
@@ -196,7 +198,8 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
     a = jnp.sum(wq, axis=-1)
     weight = counted.astype(zc.dtype)
   ce = jnp.where(counted, ce, 0.0)
-  return Stats(jnp.where(counted, lse, 0.0), ce, counted, weight, a, k, bad)
+  return Stats(jnp.where(counted, lse, 0.0), ce, counted, weight, a, k, bad,
+               m, jnp.where(counted, log_s, 0.0))
 
 
 def _smoothed_target(t, valid, k, eps):
@@ -207,10 +210,15 @@ def _smoothed_target(t, valid, k, eps):
 
 
 def _probs(z, cmask, hp, st):
+  """Capped logits, ``p`` and ``-log p``, recomputed from the row stats.
+
+  ``p = exp((z - m) - log_s)``, never ``exp(z - lse)``: ``lse`` rounded to
+  float32 would shift every exponent by up to ``|lse| * 2**-24``.
+  """
   zc = _support_logits(z, cmask, hp)
   zc = jnp.where(st.counted[:, None], zc, 0.0)
-  p = jnp.exp(zc - st.lse[:, None])
-  return zc, p
+  nll = st.log_s[:, None] - (zc - st.shift[:, None])
+  return zc, jnp.exp(-nll), nll
 
 
 def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
@@ -241,7 +249,7 @@ def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   cross-entropy and z-loss terms (already scaled by the reduction).
   Exactly 0 on uncounted rows and masked classes, NaN on bad-label rows.
   """
-  zc, p = _probs(z, cmask, hp, st)
+  zc, p, _ = _probs(z, cmask, hp, st)
   g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
   if hp.soft_cap is not None:
     g = g * jnp.where(zc != _NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
@@ -255,8 +263,7 @@ def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
 def grad_target(z, target, cmask, hp: Hyper, st: Stats, c_ce):
   """``d loss / d t`` for probability targets: ``(1-eps) w_c nll_c`` on the
   support, 0 off it and on uncounted rows."""
-  zc, _ = _probs(z, cmask, hp, st)
-  nll = st.lse[:, None] - zc
+  zc, _, nll = _probs(z, cmask, hp, st)
   scale = 1.0 if hp.label_smoothing is None else 1 - hp.label_smoothing
   dt = c_ce[:, None] * scale * _weighted(nll, hp)
   return jnp.where((zc != _NEG_INF) & st.counted[:, None], dt, 0.0)
@@ -270,9 +277,9 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   cross-entropy mean for ``reduction="mean"`` with integer labels (the
   class weights also enter its denominator), else 0.
   """
-  zc, p = _probs(z, cmask, hp, st)
+  zc, p, nll = _probs(z, cmask, hp, st)
   valid = zc != _NEG_INF
-  nll = jnp.where(valid, st.lse[:, None] - zc, 0.0)
+  nll = jnp.where(valid, nll, 0.0)
   eps = hp.label_smoothing
   counted = st.counted
   d_eps = d_z = d_cap = d_w = None
@@ -359,7 +366,8 @@ def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool,
                  counted & (top == want))
 
 
-def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent):
+def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent,
+             shard: VocabShard | None = None):
   """``d (sum g_lse * lse + sum g_ent * entropy) / d z`` for a block.
 
   ``d lse / d z = p`` and ``d H / d z = -p (log p + H)``, on the support.
@@ -367,13 +375,15 @@ def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent):
   """
   zc = _support_logits(z, cmask, hp)
   valid = zc != _NEG_INF
-  lse = jnp.where(jnp.isfinite(aux.lse), aux.lse, 0.0)[:, None]
-  p = jnp.where(valid, jnp.exp(zc - lse), 0.0)
+  m = _cmax(zc, shard)[:, None]
+  shifted = zc - jnp.where(jnp.isfinite(m), m, 0.0)
+  log_p = shifted - jnp.log(_csum(jnp.exp(shifted), shard))[:, None]
+  log_p = jnp.where(valid, log_p, 0.0)
+  p = jnp.where(valid, jnp.exp(log_p), 0.0)
   g = jnp.zeros_like(p)
   if g_lse is not None:
     g = g + g_lse[:, None] * p
   if g_ent is not None:
-    log_p = jnp.where(valid, zc - lse, 0.0)
     g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
   if hp.soft_cap is not None:
     g = g * jnp.where(valid, 1 - jnp.square(zc / hp.soft_cap), 0.0)

@@ -87,11 +87,12 @@ def _logits(x_c, w, bias):
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def _matmuls(x_c, w, dz, counted, need_dx, need_dw):
+def _matmuls(x_c, w, dz, keep, need_dx, need_dw):
   """``dx_c = dz w^T`` and ``x_c^T dz`` (float32 accumulation).
 
-  Uncounted rows of ``x_c`` may hold anything (NaN padding): they are
-  zeroed for ``dw`` so that ``0 * NaN`` cannot reach it.
+  Rows where ``keep`` is False (uncounted rows when only the loss is
+  differentiated) may hold anything (NaN padding): they are zeroed for
+  ``dw`` so that ``0 * NaN`` cannot reach it.
   """
   f32 = dz.dtype
   dz = dz.astype(x_c.dtype)
@@ -100,7 +101,8 @@ def _matmuls(x_c, w, dz, counted, need_dx, need_dw):
     dx = lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
                          preferred_element_type=f32).astype(x_c.dtype)
   if need_dw:
-    x_c = jnp.where(counted[:, None], x_c, 0)
+    if keep is not None:
+      x_c = jnp.where(keep[:, None], x_c, 0)
     dw = lax.dot_general(x_c, dz, (((0,), (0,)), ((), ())),
                          preferred_element_type=f32)
   return dx, dw
@@ -161,7 +163,9 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
                                       shard)
       if gl_c is not None or ge_c is not None:
         dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c, shard)
-      dx_c, dw_c = _matmuls(x_c, w, dz, st_c.counted, need.dx, need.dw)
+      # Aux terms reach every row; the loss only counted ones.
+      keep = st_c.counted if gl_c is None and ge_c is None else None
+      dx_c, dw_c = _matmuls(x_c, w, dz, keep, need.dx, need.dw)
       if need.dw:
         dw_acc = dw_acc + dw_c
       if need.dbias:

@@ -49,3 +49,13 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(got["dw"], dw, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got["dx"], dx[got["lo"]:got["hi"]],
                                rtol=1e-5, atol=1e-7)
+
+
+def test_readme_sharded_example_runs_and_matches_one_device():
+  script = HERE.parent / "scripts" / "sharded_example.py"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, str(script)], env=env,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "devices: 8" in proc.stdout

@@ -60,7 +60,8 @@ from jax_softmax import cross_entropy, linear_softmax_loss
 DEFAULT_LR = {"adam": 0.03, "sgd": 0.1, "lbfgs": 1.0}
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
-HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+HISTORY_KEYS = ("train_loss", "train_accuracy", "train_entropy", "test_loss",
+                "test_accuracy", "test_entropy")
 
 
 # ----------------------------------------------------------------- flags
@@ -258,9 +259,13 @@ def make_step(loss, optimizer, lbfgs):
 
 @jax.jit
 def evaluate(params, X, y, mask):
-  logits = logits_fn(params, X)
-  hits = jnp.sum((jnp.argmax(logits, -1) == y) & mask)
-  return cross_entropy(logits, y, where=mask), hits / jnp.sum(mask)
+  """Mean loss, accuracy and softmax entropy over the unmasked rows, all
+  from one ``cross_entropy`` call (``return_aux``: no second pass)."""
+  loss, aux = cross_entropy(logits_fn(params, X), y, where=mask,
+                            return_aux=True)
+  count = jnp.sum(mask)
+  return (loss, jnp.sum(aux.correct) / count,
+          jnp.sum(jnp.where(mask, aux.entropy, 0.0)) / count)
 
 
 # ----------------------------------------------------------- checkpoints
@@ -428,11 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         bar.update()
       for split, split_rows in (("train", train_rows), ("test", test_rows)):
-        loss, acc = evaluate(params, *split_rows)
+        loss, acc, entropy = evaluate(params, *split_rows)
         history[f"{split}_loss"].append(float(loss))
         history[f"{split}_accuracy"].append(float(acc))
+        history[f"{split}_entropy"].append(float(entropy))
       bar.set_postfix({"train_loss": f"{history['train_loss'][-1]:.4f}",
-                       "test_acc": f"{history['test_accuracy'][-1]:.4f}"})
+                       "test_acc": f"{history['test_accuracy'][-1]:.4f}",
+                       "entropy": f"{history['test_entropy'][-1]:.3f}"})
     save_checkpoint(ckpt_dir, epoch, params, state, config, history)
     write_outputs(out, history, config, backend,
                   final=epoch == args.epochs)

@@ -31,7 +31,8 @@ def as_float_array(x: jax.typing.ArrayLike, name: str) -> jax.Array:
 
 def normalize_axes(axis: Axis | None, ndim: int, name: str = "axis"
                    ) -> tuple[int, ...]:
-  """Returns sorted non-negative axes; ``None`` means all axes."""
+  """Returns non-negative axes in the given order (a tuple of class axes is
+  flattened in that order, as optax does); ``None`` means all axes."""
   if axis is None:
     return tuple(range(ndim))
   axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
@@ -50,7 +51,7 @@ def normalize_axes(axis: Axis | None, ndim: int, name: str = "axis"
     raise ValueError(f"{name}={axis!r} repeats an axis.")
   if not out:
     raise ValueError(f"{name}={axis!r} names no axis.")
-  return tuple(sorted(out))
+  return tuple(out)
 
 
 def as_bool_mask(where: jax.typing.ArrayLike, name: str = "where"

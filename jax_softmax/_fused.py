@@ -391,8 +391,17 @@ def linear_cross_entropy(
   x, w = x.astype(dtype), w.astype(dtype)
   batch_shape = x.shape[:-1]
   vocab = w.shape[1]  # this device's slice with axis_name, global below
-  global_vocab = vocab * (1 if axis_name is None else
-                          lax.axis_size(axis_name))
+  global_vocab = vocab
+  for name in (axis_name, batch_axis_name):
+    try:
+      size = 1 if name is None else lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+          f"mesh axis {name!r} is not bound: call linear_cross_entropy with "
+          "axis_name / batch_axis_name inside jax.shard_map over a mesh "
+          "with that axis.") from None
+    if name == axis_name:
+      global_vocab *= size
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integer class ids; got {labels.dtype}.")

@@ -564,8 +564,10 @@ def _to_rows(logits, labels, axis, where, ignore_index, check_labels,
     _checks.check_integer_labels(labels, batch_shape)
     if ignore_index is not None:
       row = row & (labels != ignore_index)
+    counted = row if cmask is None else row & jnp.any(
+        cmask, axis=-1).reshape(batch_shape)   # rows with no class left
     _checks.check_labels(labels, num_classes, ignore_index, check_labels,
-                         row if where is not None and cmask is None else None)
+                         counted if where is not None else None)
     target = labels.reshape(-1)
   else:
     if labels.shape != logits.shape:

@@ -54,6 +54,15 @@ def _shifted_exp_sum(x: jax.Array, axes: tuple[int, ...],
   return e, jnp.sum(e, axis=axes, keepdims=True), m
 
 
+def _normalize(e, s):
+  """``e / s``: 0 where the support is empty (``s == 0``), NaN for the whole
+  slice where it holds ``+inf`` (``s == inf``) or NaN; no NaN intermediate
+  otherwise (``jax.debug_nans`` stays quiet)."""
+  ok = jnp.isfinite(s) & (s > 0)
+  p = e / jnp.where(ok, s, 1.0)
+  return jnp.where(ok, p, jnp.where(s == 0, 0.0, jnp.nan))
+
+
 def _prepare(x, axis, where, axis_default_all: bool = False):
   x = _checks.as_float_array(x, "x")
   axes = _checks.normalize_axes(
@@ -75,7 +84,7 @@ def _softmax(x, axes, mask):
 
 def _softmax_fwd(x, axes, mask):
   e, s, _ = _shifted_exp_sum(x, axes, mask)
-  y = (e / jnp.where(s == 0, 1.0, s)).astype(x.dtype)
+  y = _normalize(e, s).astype(x.dtype)
   return y, y
 
 
@@ -136,9 +145,10 @@ def _log_softmax_fwd(x, axes, mask):
   if mask is not None:
     xc = jnp.where(mask, xc, _NEG_INF)
   _, s, m = _shifted_exp_sum(xc, axes, None)
-  # s is inf exactly when the slice holds +inf: make the whole slice NaN.
-  out = jnp.where(jnp.isfinite(s), xc - m - jnp.log(s), jnp.nan)
-  out = out.astype(x.dtype)
+  # s == 0: empty support, every entry -inf. s == inf: the slice holds
+  # +inf, so all of it is NaN. (No NaN is formed on the way for s == 0.)
+  out = xc - m - jnp.log(jnp.where(s == 0, 1.0, s))
+  out = jnp.where(jnp.isinf(s), jnp.nan, out).astype(x.dtype)
   return out, out
 
 
@@ -196,7 +206,7 @@ def _logsumexp(x, axes, keepdims, mask):
 def _logsumexp_fwd(x, axes, keepdims, mask):
   e, s, m = _shifted_exp_sum(x, axes, mask)
   lse = jnp.log(s) + m
-  p = (e / jnp.where(s == 0, 1.0, s)).astype(x.dtype)
+  p = _normalize(e, s).astype(x.dtype)
   if not keepdims:
     lse = jnp.squeeze(lse, axis=axes)
   return lse.astype(x.dtype), p

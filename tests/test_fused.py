@@ -229,5 +229,5 @@ def test_errors():
     js.linear_cross_entropy(x, w, y.at[2].set(99))
   with pytest.raises(ValueError, match="grad_in_forward=True"):
     js.linear_cross_entropy(x, w, y, reduction="none", grad_in_forward=True)
-  with pytest.raises(NotImplementedError, match="axis_name"):
+  with pytest.raises(ValueError, match="'model' is not bound"):
     js.linear_cross_entropy(x, w, y, axis_name="model")

@@ -175,11 +175,15 @@ def test_equals_seed_float32():
   np.testing.assert_allclose(d_w, seed_dw, rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_with_gradients_is_jitted():
-  assert hasattr(softmax_with_gradients, "lower")
+def test_softmax_with_gradients_is_jitted_and_checks_concrete_labels():
+  from jax_softmax import _linear
   W, X, y = _problem(1, dtype=np.float32)  # noqa: N806
-  text = softmax_with_gradients.lower(W, X, y, 0.1).as_text()
-  assert text
+  # One compiled program behind a thin wrapper that checks labels first.
+  assert _linear._value_and_grad.lower(W, X, y, 0.1).as_text()
+  bad = np.array(y).copy()
+  bad[1] = W.shape[1]
+  with pytest.raises(ValueError, match=r"position \(1,\)"):
+    softmax_with_gradients(W, X, bad, 0.1)
 
 
 # --------------------------------------------------------------------------

@@ -132,13 +132,22 @@ def logsumexp_vjp(x, g, axis: Axis = None, keepdims: bool = False,
 # losses: layout
 
 
+def class_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+  """The class axes in the order given: optax flattens a tuple ``axis`` in
+  that order (a label is a flat index into ``logits[axis]``)."""
+  if axis is None:
+    return tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  return tuple(int(a) % ndim for a in axes)
+
+
 def to_rows(x, axis: Axis):
   """Moves the class axes last and flattens: ``(rows, classes)``.
 
   Returns ``(rows_array, batch_shape, perm)``.
   """
   x = np.asarray(x)
-  axes = normalize_axes(axis, x.ndim)
+  axes = class_axes(axis, x.ndim)
   batch = tuple(a for a in range(x.ndim) if a not in axes)
   perm = batch + axes
   batch_shape = tuple(x.shape[a] for a in batch)
@@ -154,7 +163,7 @@ def from_rows(r, shape, perm) -> np.ndarray:
 
 def _layout(logits, labels, axis, where, ignore_index):
   z = _f64(logits)
-  axes = normalize_axes(axis, z.ndim)
+  axes = class_axes(axis, z.ndim)
   zr, batch_shape, perm = to_rows(z, axes)
   n, _ = zr.shape
   labels = np.asarray(labels)

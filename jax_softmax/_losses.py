@@ -165,6 +165,8 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
   counted = row & (m != _NEG_INF)           # NaN rows stay counted
   zc = jnp.where(counted[:, None], zc, 0.0)   # uncounted rows: harmless zeros
   m = jnp.where(counted, m, 0.0)
+  # (z - m) is formed inside each reduction, never stored as a (rows, C)
+  # array of its own: one fewer write and read of the block.
   shifted = zc - m[:, None]
   log_s = jnp.log(_csum(jnp.exp(shifted), shard))
   lse = m + log_s
@@ -175,7 +177,7 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
   if is_int:
     yc = jnp.clip(target, 0, num_classes - 1)
     bad = counted & ((target < 0) | (target >= num_classes))
-    z_y = _take_target(shifted, target, shard)
+    z_y = _take_target(zc, target, shard) - m
     nll_y = jnp.where(bad, jnp.nan, log_s - z_y)
     w_y = _weighted(one, hp, yc)
     ce = w_y * nll_y

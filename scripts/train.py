@@ -155,9 +155,44 @@ examples:
       "is resumed from its last checkpoint (default: runs/<timestamp>)")
   parser.add_argument(
       "--mesh", type=_mesh, default=None, metavar="data=N",
-      help="shard each batch over the first N local devices, a 1-D mesh "
-      "with axis 'data' (default: all local devices)")
+      help="shard each batch over the first N devices, a 1-D mesh with "
+      "axis 'data' (default: all devices, of every process when launched "
+      "multi-process)")
+  multi = parser.add_argument_group(
+      "multi-process (one process per host, jax.distributed)")
+  multi.add_argument(
+      "--coordinator-address", default=None, metavar="HOST:PORT",
+      help="process 0's address; with --num-processes and --process-id "
+      "this process joins a multi-process run (jax.distributed.initialize)")
+  multi.add_argument(
+      "--num-processes", type=POSITIVE_INT, default=None,
+      help="number of processes in the run")
+  multi.add_argument(
+      "--process-id", type=NON_NEGATIVE_INT, default=None,
+      help="this process's index in [0, --num-processes)")
+  multi.add_argument(
+      "--distributed", action="store_true",
+      help="call jax.distributed.initialize() with the cluster settings "
+      "JAX detects itself (SLURM, TPU pods, Open MPI, ...)")
   return parser
+
+
+def init_distributed(args, parser) -> None:
+  """Joins a multi-process run when asked to (before any device is used).
+
+  On CPU the processes' collectives go through gloo.
+  """
+  manual = (args.coordinator_address, args.num_processes, args.process_id)
+  if all(v is None for v in manual) and not args.distributed:
+    return
+  if not args.distributed and any(v is None for v in manual):
+    parser.error("--coordinator-address, --num-processes and --process-id "
+                 "go together")
+  if args.process_id is not None and args.process_id >= args.num_processes:
+    parser.error(f"--process-id {args.process_id} is not below "
+                 f"--num-processes {args.num_processes}")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(*manual)
 
 
 # ------------------------------------------------------------------ data
@@ -190,11 +225,33 @@ def round_up(n, multiple):
 
 
 def put_rows(X, y, size, sharding):
-  """Pads (X, y) to `size` rows, masks the padding, shards rows."""
+  """Pads (X, y) to `size` rows, masks the padding, shards rows.
+
+  Each process hands over only the rows its own devices hold
+  (``jax.make_array_from_process_local_data``).
+  """
   pad = size - len(y)
-  mask = np.arange(size) < len(y)
-  return jax.device_put(
-      (np.pad(X, ((0, pad), (0, 0))), np.pad(y, (0, pad)), mask), sharding)
+  rows = (np.pad(X, ((0, pad), (0, 0))), np.pad(y, (0, pad)),
+          np.arange(size) < len(y))
+  spans = [idx[0] for idx in sharding.addressable_devices_indices_map(
+      (size,)).values()]
+  lo = min(sl.start or 0 for sl in spans)
+  hi = max(size if sl.stop is None else sl.stop for sl in spans)
+  return tuple(jax.make_array_from_process_local_data(
+      sharding, a[lo:hi], a.shape) for a in rows)
+
+
+def replicate(tree, sharding):
+  """The same host values on every device of every process."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.make_array_from_process_local_data(
+          sharding, np.asarray(a)), tree)
+
+
+def to_host(a):
+  """A NumPy copy of a (replicated) array, also across processes."""
+  return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array)
+                    else a)
 
 
 # ----------------------------------------------------------------- model
@@ -295,7 +352,7 @@ def save_checkpoint(ckpt_dir, epoch, params, state, config, history):
             "config": np.str_(json.dumps(config, sort_keys=True))}
   for prefix, tree in (("params", params), ("opt_state", state)):
     for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
-      arrays[f"{prefix}/{i}"] = np.asarray(leaf)
+      arrays[f"{prefix}/{i}"] = to_host(leaf)
   for key in HISTORY_KEYS:
     arrays[f"history/{key}"] = np.asarray(history[key], np.float64)
   atomic_write(ckpt_dir / f"epoch_{epoch:04d}.npz",
@@ -325,10 +382,12 @@ def load_checkpoint(path, config, params, state):
             restore("opt_state", state), history)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-  """The newest checkpoint in out/checkpoints; deletes partial writes."""
-  for pattern in ("checkpoints/epoch_*.tmp", "metrics.json.*.tmp",
-                  "curves.png.*.tmp"):
+def latest_checkpoint(out: Path, clean: bool = True) -> Path | None:
+  """The newest checkpoint in out/checkpoints; deletes partial writes
+  (``clean``: the writing process only)."""
+  partials = ("checkpoints/epoch_*.tmp", "metrics.json.*.tmp",
+              "curves.png.*.tmp")
+  for pattern in partials if clean else ():
     for partial in out.glob(pattern):  # left by a kill mid-write
       partial.unlink()
   paths = out.glob("checkpoints/epoch_*.npz")
@@ -366,10 +425,15 @@ def main(argv: list[str] | None = None) -> int:
   started = time.monotonic()
   parser = build_parser()
   args = parser.parse_args(argv)
-  devices = jax.local_devices()
+  init_distributed(args, parser)
+  devices = jax.devices()  # every process's, when multi-process
+  lead = jax.process_index() == 0  # the one process that writes files
   n_dev = len(devices) if args.mesh is None else args.mesh
   if n_dev > len(devices):
-    parser.error(f"--mesh data={n_dev}: only {len(devices)} local devices")
+    parser.error(f"--mesh data={n_dev}: only {len(devices)} devices")
+  if jax.process_count() > 1 and (args.out is None or n_dev < len(devices)):
+    parser.error("a multi-process run needs --out (the same on every "
+                 "process) and all devices in its mesh")
   try:
     X_train, y_train, X_test, y_test, classes = load_data(args.data)
   except (OSError, KeyError, ValueError) as e:
@@ -401,18 +465,19 @@ def main(argv: list[str] | None = None) -> int:
   state = strong(optimizer.init(params))
   history = {k: [] for k in HISTORY_KEYS}
   start = 0
-  if (path := latest_checkpoint(out)) is not None:
+  if (path := latest_checkpoint(out, clean=lead)) is not None:
     try:
       start, params, state, history = load_checkpoint(path, config, params,
                                                       state)
     except ValueError as e:
       parser.error(f"--out {out}: {e}")
     if start >= args.epochs:
-      write_outputs(out, history, config, backend)
+      if lead:
+        write_outputs(out, history, config, backend)
       print(f"run in {out} is complete ({start} epochs); nothing to do")
       return 0
     print(f"resuming from epoch {start} ({path})", flush=True)
-  params, state = jax.device_put((params, state), replicated)
+  params, state = replicate((params, state), replicated)
 
   step = make_step(make_loss(args.reg), optimizer, lbfgs)
   # Both splits padded to one size: evaluate compiles once.
@@ -426,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
       order = np.random.default_rng((args.seed, epoch)).permutation(n)
       batches = (put_rows(X_train[i], y_train[i], size, rows)
                  for i in np.split(order, range(size, n, size)))
-    with tqdm(total=steps, unit="step",
+    with tqdm(total=steps, unit="step", disable=not lead,
               desc=f"epoch {epoch}/{args.epochs}") as bar:
       for batch in batches:
         (params, state), loss = step(params, state, *batch)
@@ -440,9 +505,10 @@ def main(argv: list[str] | None = None) -> int:
       bar.set_postfix({"train_loss": f"{history['train_loss'][-1]:.4f}",
                        "test_acc": f"{history['test_accuracy'][-1]:.4f}",
                        "entropy": f"{history['test_entropy'][-1]:.3f}"})
-    save_checkpoint(ckpt_dir, epoch, params, state, config, history)
-    write_outputs(out, history, config, backend,
-                  final=epoch == args.epochs)
+    if lead:
+      save_checkpoint(ckpt_dir, epoch, params, state, config, history)
+      write_outputs(out, history, config, backend,
+                    final=epoch == args.epochs)
   print(f"test accuracy {history['test_accuracy'][-1]:.4f}, test loss "
         f"{history['test_loss'][-1]:.4f} after {args.epochs} epochs "
         f"({time.monotonic() - started:.1f} s); wrote {out}/metrics.json, "

@@ -180,3 +180,31 @@ def test_help_explains_every_flag(capsys):
   for action in train.build_parser()._actions:
     assert action.help, action.option_strings
     assert action.option_strings[-1] in text
+
+
+def test_two_processes_match_one_process_on_as_many_devices(tmp_path, spawn):
+  """Two processes of 2 devices each (jax.distributed, gloo on loopback)
+  train exactly as one process with 4 devices."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  flags = ["--model", "mlp", "--hidden", "16", "--epochs", "2",
+           "--data", write_blobs(tmp_path / "b.npz")]
+  workers = [spawn(SCRIPT, *flags, "--out", tmp_path / "multi",
+                   "--coordinator-address", f"127.0.0.1:{port}",
+                   "--num-processes", "2", "--process-id", str(i))
+             for i in range(2)]
+  one = subprocess.run(
+      [sys.executable, SCRIPT, *flags, "--out", tmp_path / "one"],
+      env={**SUBPROCESS_ENV,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+      capture_output=True, text=True, timeout=300, check=False)
+  assert one.returncode == 0, one.stderr[-2000:]
+  assert all(w.wait(timeout=300) == 0 for w in workers)
+  multi, single = metrics(tmp_path / "multi"), metrics(tmp_path / "one")
+  assert multi["config"] == single["config"]
+  assert multi["config"]["devices"] == 4
+  for key, values in single["history"].items():
+    np.testing.assert_allclose(multi["history"][key], values, rtol=1e-5,
+                               atol=1e-6)

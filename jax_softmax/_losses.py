@@ -51,6 +51,7 @@ class Stats(NamedTuple):
   bad: jax.Array       # bool: counted row whose integer label is out of range
   shift: jax.Array | None = None  # the row maximum m (0 if uncounted)
   log_s: jax.Array | None = None  # log sum exp(z - m): p = exp(z - m - log_s)
+  exp: jax.Array | None = None    # (rows, C) exp(z - m), when kept
 
 
 def make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
@@ -147,7 +148,8 @@ def _local_weights(hp: Hyper, n_local: int, shard: VocabShard | None):
 
 
 def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
-              shard: VocabShard | None = None) -> Stats:
+              shard: VocabShard | None = None, keep_exp: bool = False
+              ) -> Stats:
   """Forward pass over a ``(rows, C)`` block.
 
   Args:
@@ -158,6 +160,9 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
     hp: hyperparameters.
     is_int: whether ``target`` holds class indices.
     shard: the class axis is split over a mesh axis (integer labels only).
+    keep_exp: keep ``exp(z - m)`` for the backward pass. XLA writes it out
+      for the sum anyway; keeping it saves the backward an ``exp`` per
+      entry (but holds a ``(rows, C)`` float32 array until then).
   """
   num_classes = _num_classes(z.shape[-1], shard)
   zc = _support_logits(z, cmask, hp)
@@ -168,7 +173,8 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
   # (z - m) is formed inside each reduction, never stored as a (rows, C)
   # array of its own: one fewer write and read of the block.
   shifted = zc - m[:, None]
-  log_s = jnp.log(_csum(jnp.exp(shifted), shard))
+  e = jnp.exp(shifted)
+  log_s = jnp.log(_csum(e, shard))
   lse = m + log_s
   valid = zc != _NEG_INF
   eps = hp.label_smoothing
@@ -201,7 +207,7 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
     weight = counted.astype(zc.dtype)
   ce = jnp.where(counted, ce, 0.0)
   return Stats(jnp.where(counted, lse, 0.0), ce, counted, weight, a, k, bad,
-               m, jnp.where(counted, log_s, 0.0))
+               m, jnp.where(counted, log_s, 0.0), e if keep_exp else None)
 
 
 def _smoothed_target(t, valid, k, eps):
@@ -225,20 +231,22 @@ def _probs(z, cmask, hp, st):
 
 def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
                  c_ce, c_z, shard: VocabShard | None = None):
-  """``d loss / d zc`` with respect to the capped logits ``zc``."""
-  valid = zc != _NEG_INF
+  """``d loss / d zc`` with respect to the capped logits ``zc`` (which
+  may be None when there is no smoothing: only the support needs it)."""
   eps = hp.label_smoothing
   coef = c_ce * st.a
   if hp.z_loss is not None:
     coef = coef + c_z * 2 * hp.z_loss * st.lse
   if is_int:
-    onehot = _class_ids(zc.shape[-1], shard)[None, :] == target[:, None]
-    ones = _weighted(jnp.ones_like(p), _local_weights(hp, zc.shape[-1],
+    onehot = _class_ids(p.shape[-1], shard)[None, :] == target[:, None]
+    ones = _weighted(jnp.ones_like(p), _local_weights(hp, p.shape[-1],
                                                       shard))
     tw = jnp.where(onehot, ones, 0.0)
     if eps is not None:
-      tw = (1 - eps) * tw + eps * jnp.where(valid, ones, 0.0) / st.k[:, None]
+      support = jnp.where(zc != _NEG_INF, ones, 0.0)
+      tw = (1 - eps) * tw + eps * support / st.k[:, None]
   else:
+    valid = None if eps is None else zc != _NEG_INF
     tw = _weighted(_smoothed_target(target, valid, st.k, eps), hp)
   return coef[:, None] * p - c_ce[:, None] * tw
 
@@ -251,9 +259,15 @@ def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   cross-entropy and z-loss terms (already scaled by the reduction).
   Exactly 0 on uncounted rows and masked classes, NaN on bad-label rows.
   """
-  zc, p, _ = _probs(z, cmask, hp, st)
+  if (st.exp is not None and hp.label_smoothing is None
+      and hp.soft_cap is None):
+    # p from the kept exp(z - m): no second exp, no read of z.
+    zc, p = None, st.exp * jnp.exp(-cast(jax.Array, st.log_s))[:, None]
+  else:
+    zc, p, _ = _probs(z, cmask, hp, st)
   g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
   if hp.soft_cap is not None:
+    assert zc is not None  # the kept-exp shortcut excludes a soft cap
     g = g * jnp.where(zc != _NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
   keep = st.counted[:, None]
   if cmask is not None:
@@ -477,7 +491,7 @@ class _Config(NamedTuple):
 
 
 def _cross_entropy_outputs(cfg, z, target, row, cmask, hp):
-  st = row_stats(z, target, row, cmask, hp, cfg.is_int)
+  st = row_stats(z, target, row, cmask, hp, cfg.is_int, keep_exp=True)
   loss = reduce_rows(st, hp, cfg.reduction)
   if not cfg.aux:
     return loss, st, None

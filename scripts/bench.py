@@ -37,6 +37,12 @@ An implementation whose temporaries plus outputs exceed ``--mem-limit-gib``
 (default: half the device's memory, or half the host's RAM on a CPU) is
 compiled but not run, and the table says so.
 
+``sharded`` (``BxDxV``, ``--section sharded`` only): ``value_and_grad``
+  of the fused loss with ``w`` split on ``V`` over every device
+  (``shard_map``, ``axis_name``; 8 simulated devices on a CPU host) against
+  the same loss on one device (``one_device``, the floor of this section).
+  The temporaries of a sharded program are per device.
+
 ``--scale`` adds a compile-only memory comparison at ``4096x256x262144``
 float32 (``fused`` vs ``optax``; optax is not run) and runs the fused loss
 once. Output: a markdown table on stdout (also ``results.md``),
@@ -61,26 +67,38 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# The sharded section needs several devices; on a CPU host, simulate 8
+# (before jax starts its backend). A real accelerator host keeps its own.
+if "sharded" in sys.argv[1:] and "device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
 
-import jax_softmax
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_softmax  # noqa: E402
 
 F32 = jnp.float32
 MIB = 2**20
 GIB = 2**30
 
 DEFAULT_SHAPES = {"logits": ((8192, 32000),),
-                  "fused": ((2048, 512, 32000), (1024, 1024, 128000))}
+                  "fused": ((2048, 512, 32000), (1024, 1024, 128000)),
+                  "sharded": ((2048, 512, 32000),)}
 QUICK_SHAPES = {"logits": ((256, 1000),),
-                "fused": ((96, 32, 999),)}
+                "fused": ((96, 32, 999),),
+                "sharded": ((96, 32, 1000),)}
 SCALE_SHAPE = (4096, 256, 262144)
 QUICK_SCALE_SHAPE = (256, 32, 4096)
 QUICK_RUNS = 3
-FLOORS = {"logits": "copy", "fused": "matmuls"}
+FLOORS = {"logits": "copy", "fused": "matmuls", "sharded": "one_device"}
 SECTIONS = tuple(FLOORS)
+ALL = ("logits", "fused")  # --section all; sharded runs on its own
 
 
 # ------------------------------------------------------------ impls
@@ -90,6 +108,7 @@ class Impl:
   name: str
   fn: Callable
   loss: bool = True  # whether fn's first output is the loss
+  place: Callable | None = None  # puts the inputs where fn wants them
 
 
 def _logits_impls() -> list[Impl]:
@@ -153,7 +172,41 @@ def _fused_impls() -> list[Impl]:
   return impls
 
 
-IMPLS = {"logits": _logits_impls, "fused": _fused_impls}
+def _sharded_impls() -> list[Impl]:
+  """Vocabulary-parallel fused loss over all devices vs one device."""
+  lce = jax_softmax.linear_cross_entropy
+  mesh = jax.make_mesh((jax.device_count(),), ("model",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def local(x, w, y):
+    return lce(x, w, y, axis_name="model")
+
+  sharded = jax.shard_map(local, mesh=mesh,
+                          in_specs=(P(), P(None, "model"), P()),
+                          out_specs=P())
+
+  def place(args):
+    x, w, y, g = args
+    rep = NamedSharding(mesh, P())
+    return (jax.device_put(x, rep),
+            jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+            jax.device_put(y, rep), g)
+
+  def one(x, w, y, g):
+    return lce(x, w, y)
+
+  def vocab_parallel(x, w, y, g):
+    return sharded(x, w, y)
+
+  def grad(f):
+    return jax.value_and_grad(f, argnums=(0, 1))
+
+  return [Impl("vocab_parallel", grad(vocab_parallel), place=place),
+          Impl("one_device", grad(one))]
+
+
+IMPLS = {"logits": _logits_impls, "fused": _fused_impls,
+         "sharded": _sharded_impls}
 
 
 def all_impl_names() -> dict[str, list[str]]:
@@ -252,9 +305,10 @@ def run_case(section, shape, dtype, impls, runs, mem_limit, log):
   args = make_args(section, shape, dtype)
   jax.block_until_ready(args)
   rows, compiled = {}, {}
+  placed = {i.name: i.place(args) if i.place else args for i in impls}
   for impl in impls:
     t0 = time.perf_counter()
-    comp = jax.jit(impl.fn).lower(*args).compile()
+    comp = jax.jit(impl.fn).lower(*placed[impl.name]).compile()
     row = {"section": section, "shape": list(shape),
            "dtype": jnp.dtype(dtype).name, "impl": impl.name,
            "floor": FLOORS[section], "compile_s": time.perf_counter() - t0,
@@ -270,16 +324,16 @@ def run_case(section, shape, dtype, impls, runs, mem_limit, log):
     rows[impl.name] = row
   by_name = {i.name: i for i in impls}
   for name, comp in compiled.items():  # one warm-up call each
-    dt, out = _call(comp, args)
+    dt, out = _call(comp, placed[name])
     rows[name]["warmup_ms"] = 1e3 * dt
     rows[name]["loss"] = _loss_value(by_name[name], out)
     del out
   for _ in range(runs):
     for name, comp in compiled.items():
-      dt, out = _call(comp, args)
+      dt, out = _call(comp, placed[name])
       del out
       rows[name]["times_ms"].append(1e3 * dt)
-  del args, compiled
+  del args, placed, compiled
   return _finish(list(rows.values()))
 
 
@@ -441,7 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="bench.py", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--section", choices=(*SECTIONS, "all"), default="all")
+  p.add_argument(
+      "--section", choices=(*SECTIONS, "all"), default="all",
+      help="all = logits and fused; sharded (run it on its own) compares "
+      "the vocabulary-parallel fused loss over every device (8 simulated "
+      "CPU devices on a CPU host) with one device, temporaries per device")
   p.add_argument(
       "--shapes", type=_shapes, default=None,
       help="comma list; BxV shapes go to the logits section and BxDxV to "
@@ -472,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan(args, parser) -> dict[str, tuple[list, list[str]]]:
   """Per section: (shapes, impl names) to run."""
-  sections = SECTIONS if args.section == "all" else (args.section,)
+  sections = ALL if args.section == "all" else (args.section,)
   names = all_impl_names()
   known = {n for s in sections for n in names[s]}
   if args.impls:

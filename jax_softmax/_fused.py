@@ -161,7 +161,10 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
     z = _logits(x_c, w, bias)
     out_st = out_aux = dx_c = None
     if st_c is None:
-      st_c = out_st = _losses.row_stats(z, y_c, r_c, None, hp, True, shard)
+      # exp(z - m) is kept for this step's dz only (never a scan output).
+      st_c = _losses.row_stats(z, y_c, r_c, None, hp, True, shard,
+                               keep_exp=forms_dz)
+      out_st = st_c._replace(exp=None)
       if cfg.aux:
         aux_c = out_aux = _losses.row_aux(z, y_c, st_c.counted, None, hp,
                                           True, shard)

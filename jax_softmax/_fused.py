@@ -41,10 +41,10 @@ CHUNK_BUDGET_BYTES = 128 * 2**20
 
 #: Fewest rows per chunk when ``chunk_size`` is None: each chunk adds its
 #: ``x_c^T g`` into the float32 ``dw`` (a read and a write of ``d * V``
-#: floats), which dominates below ~128 rows (measured: 64 rows ran 1.7x the
-#: three-matmul floor at ``(512, 1024, 64000)``, 128 rows 1.4x, 512 rows
-#: 1.38x, on 2 CPU cores).
-MIN_CHUNK_ROWS = 128
+#: floats), which dominates for small chunks. Measured on 2 CPU cores,
+#: time / three-matmul floor at ``(1024, 1024, 128000)`` float32: 128 rows
+#: 1.17x, 256 rows 1.07x, 512 rows 1.10x.
+MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_size(num_rows: int, vocab: int) -> int:

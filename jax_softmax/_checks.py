@@ -144,3 +144,18 @@ def check_class_weights(class_weights: jax.Array | None, num_classes: int
         f"class_weights must have shape ({num_classes},); got "
         f"{class_weights.shape}."
     )
+
+
+def row_mask(labels: jax.Array, where, ignore_index: int | None,
+             num_classes: int) -> jax.Array:
+  """The counted rows of integer ``labels``: ``where`` (a row mask of the
+  labels' shape) and not ``ignore_index``; checks the concrete labels of
+  those rows (:func:`check_labels`)."""
+  row = jnp.ones(labels.shape, bool)
+  if where is not None:
+    row = broadcast_mask(as_bool_mask(where), labels.shape, "batch")
+  if ignore_index is not None:
+    row = row & (labels != ignore_index)
+  check_labels(labels, num_classes, ignore_index, False,
+               row if where is not None else None)
+  return row

@@ -422,14 +422,7 @@ def linear_cross_entropy(
     bias = _checks.as_float_array(bias, "bias")
     if bias.shape != (vocab,):
       raise ValueError(f"bias must have shape ({vocab},); got {bias.shape}.")
-  row = jnp.ones(batch_shape, bool)
-  if where is not None:
-    row = _checks.broadcast_mask(_checks.as_bool_mask(where), batch_shape,
-                                 "batch")
-  if ignore_index is not None:
-    row = row & (labels != ignore_index)
-  _checks.check_labels(labels, global_vocab, ignore_index, False,
-                       row if where is not None else None)
+  row = _checks.row_mask(labels, where, ignore_index, global_vocab)
   hp = _losses.make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                           global_vocab, compute_dtype(dtype))
   cfg = _Cfg(reduction, chunk_size or 0, grad_in_forward, return_aux,

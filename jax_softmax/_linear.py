@@ -103,14 +103,7 @@ def linear_softmax_loss(
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"y must hold integer labels; got dtype {labels.dtype}.")
   _checks.check_integer_labels(labels, (x.shape[0],))
-  row = jnp.ones(labels.shape, bool)
-  if where is not None:
-    row = _checks.broadcast_mask(_checks.as_bool_mask(where), labels.shape,
-                                 "batch")
-  if ignore_index is not None:
-    row = row & (labels != ignore_index)
-  _checks.check_labels(labels, w.shape[1], ignore_index, False,
-                       row if where is not None else None)
+  row = _checks.row_mask(labels, where, ignore_index, w.shape[1])
   dtype = compute_dtype(w.dtype)
   hp = _losses.make_hyper(label_smoothing, 0.0, None, class_weights,
                           w.shape[1], dtype)

@@ -293,11 +293,13 @@ def _mesh_typing(cfg, diff, other):
     union |= _varying(a)
   if not union:
     return cfg, diff
-  axes = tuple(sorted(union))
-  cast = tuple(None if a is None else lax.pcast(
-      a, tuple(sorted(union - _varying(a))), to="varying")
-      if union - _varying(a) else a for a in diff)
-  return cfg._replace(varying=axes), cast
+
+  def cast(a):
+    missing = tuple(sorted(union - _varying(a)))
+    return lax.pcast(a, missing, to="varying") if missing else a
+
+  return (cfg._replace(varying=tuple(sorted(union))),
+          tuple(None if a is None else cast(a) for a in diff))
 
 
 def linear_cross_entropy(

@@ -237,8 +237,7 @@ def _fused_fwd(cfg, *args):
         nonempty = lax.pmax(nonempty, shard.name)
       counted = row & (nonempty > 0)
     dtype = compute_dtype(x.dtype)
-    w_y = _losses._weighted(jnp.ones(y.shape, dtype), hp,
-                            jnp.clip(y, 0, vocab - 1))
+    w_y = _losses.label_weights(y, hp, vocab, dtype)
     zero = jnp.zeros(y.shape, dtype)
     pre = _losses.Stats(zero, zero, counted, jnp.where(counted, w_y, 0.0),
                         zero, zero, zero.astype(bool))

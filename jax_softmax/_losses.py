@@ -98,6 +98,13 @@ def _weighted(x, hp, axis_value=None):
   return x * hp.class_weights.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
+def label_weights(y, hp: Hyper, num_classes: int, dtype):
+  """``class_weights[y]`` per row (labels clipped into range: a bad label's
+  row is NaN anyway), or ones without class weights."""
+  one = jnp.ones(y.shape, dtype)
+  return _weighted(one, hp, jnp.clip(y, 0, num_classes - 1))
+
+
 class VocabShard(NamedTuple):
   """This device's slice of a class axis split over the mesh axis ``name``.
 
@@ -179,13 +186,11 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
   valid = zc != _NEG_INF
   eps = hp.label_smoothing
   k = _csum(valid.astype(zc.dtype), shard)
-  one = jnp.ones_like(m)
   if is_int:
-    yc = jnp.clip(target, 0, num_classes - 1)
     bad = counted & ((target < 0) | (target >= num_classes))
     z_y = _take_target(zc, target, shard) - m
     nll_y = jnp.where(bad, jnp.nan, log_s - z_y)
-    w_y = _weighted(one, hp, yc)
+    w_y = label_weights(target, hp, num_classes, zc.dtype)
     ce = w_y * nll_y
     a = w_y
     if eps is not None:
@@ -306,7 +311,7 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
     nll_y = jnp.where(st.bad, jnp.nan, nll_y)
   if eps is not None:
     if is_int:
-      w_y = _weighted(jnp.ones_like(nll_y), hp, yc)
+      w_y = label_weights(target, hp, n_cls, nll_y.dtype)
       smooth = jnp.sum(_weighted(nll, hp), axis=-1) / st.k
       per_row = smooth - w_y * nll_y
     else:
@@ -712,11 +717,11 @@ def shape_outputs(out, reduction: str, return_aux: bool,
                   batch_shape: tuple[int, ...]):
   """Gives per-row outputs (loss for ``"none"``, aux) the batch shape."""
   loss, aux = out if return_aux else (out, None)
+  n = math.prod(batch_shape)
   if reduction == "none":
-    loss = loss[:math.prod(batch_shape)].reshape(batch_shape)
+    loss = loss[:n].reshape(batch_shape)
   if aux is None:
     return loss
-  n = math.prod(batch_shape)
   return loss, jax.tree.map(lambda a: a[:n].reshape(batch_shape), aux)
 
 
@@ -781,7 +786,7 @@ def _nll_fwd(reduction, lp, y, row, cmask, hp):
   if cmask is not None:
     lp_y = jnp.where(jnp.take_along_axis(cmask, yc[:, None], -1)[:, 0],
                      lp_y, _NEG_INF)
-  w_y = _weighted(jnp.ones_like(lp_y), hp, yc)
+  w_y = label_weights(y, hp, num_classes, lp_y.dtype)
   nll = jnp.where(counted, jnp.where(bad, jnp.nan, -w_y * lp_y), 0.0)
   zero = jnp.zeros_like(nll)
   st = Stats(zero, nll, counted, jnp.where(counted, w_y, 0.0), zero, zero,
@@ -793,7 +798,7 @@ def _nll_bwd(reduction, res, g):
   lp, y, cmask, hp, st, lp_y = res
   c, _, mean = row_cotangents(st, reduction, g, True)
   yc = jnp.clip(y, 0, lp.shape[-1] - 1)
-  w_y = _weighted(jnp.ones_like(c), hp, yc)
+  w_y = label_weights(y, hp, lp.shape[-1], c.dtype)
   onehot = jnp.arange(lp.shape[-1])[None, :] == y[:, None]
   d = jnp.where(onehot, -(c * w_y)[:, None], 0.0)
   if cmask is not None:

@@ -89,6 +89,16 @@ def _zeros(cfg, shape, dtype):
   return lax.pcast(z, cfg.varying, to="varying") if cfg.varying else z
 
 
+def _matmul_dtype(dtype):
+  """The matmuls' operand dtype: the input's, except half precision on
+  XLA's CPU backend, which has no half-precision matmul and would convert
+  ``w`` to float32 once per dot (twice per chunk); there ``w`` is
+  converted once per sweep instead (a float32 ``(d, V)`` temporary)."""
+  if jax.default_backend() == "cpu":
+    return compute_dtype(dtype)
+  return dtype
+
+
 def _logits(x_c, w, bias):
   """``(c, V)`` float32 logits of one chunk (input dtype, f32 accumulate)."""
   z = lax.dot_general(x_c, w, (((1,), (0,)), ((), ())),
@@ -96,8 +106,9 @@ def _logits(x_c, w, bias):
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def _matmuls(x_c, w, dz, keep, need_dx, need_dw):
-  """``dx_c = dz w^T`` and ``x_c^T dz`` (float32 accumulation).
+def _matmuls(x_c, w, dz, keep, need_dx, need_dw, dx_dtype):
+  """``dx_c = dz w^T`` (in ``dx_dtype``) and ``x_c^T dz`` (float32
+  accumulation).
 
   Rows where ``keep`` is False (uncounted rows when only the loss is
   differentiated) may hold anything (NaN padding): they are zeroed for
@@ -108,7 +119,7 @@ def _matmuls(x_c, w, dz, keep, need_dx, need_dw):
   dx = dw = None
   if need_dx:
     dx = lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
-                         preferred_element_type=f32).astype(x_c.dtype)
+                         preferred_element_type=f32).astype(dx_dtype)
   if need_dw:
     if keep is not None:
       x_c = jnp.where(keep[:, None], x_c, 0)
@@ -154,10 +165,13 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   forms_dz = cot is not None or g_lse is not None or g_ent is not None
   mean_ce = None if cot is None else cot[2]
   shard = _vocab_shard(cfg, w.shape[1])
+  x_dtype, w_dtype = x.dtype, w.dtype
+  w = w.astype(_matmul_dtype(w.dtype))
 
   def step(carry, inp):
     dw_acc, db_acc, dh_acc = carry
     x_c, y_c, r_c, st_c, aux_c, cot_c, gl_c, ge_c = inp
+    x_c = x_c.astype(w.dtype)
     z = _logits(x_c, w, bias)
     out_st = out_aux = dx_c = None
     if st_c is None:
@@ -177,7 +191,8 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
         dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c, shard)
       # Aux terms reach every row; the loss only counted ones.
       keep = st_c.counted if gl_c is None and ge_c is None else None
-      dx_c, dw_c = _matmuls(x_c, w, dz, keep, need.dx, need.dw)
+      dx_c, dw_c = _matmuls(x_c, w, dz, keep, need.dx, need.dw,
+                             x_dtype)
       if need.dw:
         dw_acc = dw_acc + dw_c
       if need.dbias:
@@ -198,7 +213,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   new_st, new_aux, dx = jax.tree.map(_flat, ys)
   return (st if st is not None else new_st,
           aux if aux is not None else new_aux, dx,
-          None if dw is None else dw.astype(w.dtype),
+          None if dw is None else dw.astype(w_dtype),
           None if db is None else db.astype(bias.dtype), dh)
 
 

@@ -129,11 +129,14 @@ def _matmuls(x_c, w, dz, keep, need_dx, need_dw, dx_dtype):
 
 
 def _chunks(a, chunk):
-  return a.reshape((-1, chunk) + a.shape[1:])
+  """``(n, ...) -> (n / chunk, chunk, ...)``, chunk ``j`` holding rows
+  ``j, j + n / chunk, ...`` (strided): a batch split in blocks over
+  devices then stays split inside every chunk (no all-gather)."""
+  return jnp.swapaxes(a.reshape((chunk, -1) + a.shape[1:]), 0, 1)
 
 
 def _flat(a):
-  return a.reshape((-1,) + a.shape[2:])
+  return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
 
 
 def _add(acc, upd):

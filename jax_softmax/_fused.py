@@ -53,15 +53,17 @@ def default_chunk_size(num_rows: int, vocab: int) -> int:
   At least :data:`MIN_CHUNK_ROWS` (the budget yields to it for very large
   vocabularies), a multiple of 8, at most ``num_rows``; if a divisor of
   ``num_rows`` lies within a factor 2 below that, it is taken instead so no
-  padding is needed.
+  padding is needed, a multiple of 8 first (so that a batch split over up
+  to 8 devices stays split inside every chunk).
   """
   c = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (12 * max(vocab, 1)))
   c -= c % 8
   if c >= num_rows:
     return max(num_rows, 1)
-  for cand in range(c, c // 2, -1):
-    if num_rows % cand == 0:
-      return cand
+  for step in (8, 1):
+    for cand in range(c, c // 2, -step):
+      if num_rows % cand == 0:
+        return cand
   return c
 
 
@@ -73,6 +75,12 @@ class _Cfg(NamedTuple):
   axis_name: str | None = None     # mesh axis splitting the vocabulary
   batch_axis: str | tuple[str, ...] | None = None  # mesh axes of the batch
   varying: tuple[str, ...] = ()    # shard_map axes the inputs vary over
+  w_vd: bool = False               # w given as (V, d)
+  untyped: bool = False            # in shard_map with check_vma=False
+
+
+def _vocab_size(cfg, w) -> int:
+  return w.shape[0 if cfg.w_vd else 1]
 
 
 def _vocab_shard(cfg, n_local: int) -> _losses.VocabShard | None:
@@ -83,10 +91,12 @@ def _vocab_shard(cfg, n_local: int) -> _losses.VocabShard | None:
                             n_local * lax.axis_size(cfg.axis_name))
 
 
-def _zeros(cfg, shape, dtype):
-  """Zeros typed as varying over the inputs' mesh axes (scan carries)."""
+def _zeros(cfg, shape, dtype, axes=None):
+  """Zeros typed as varying over ``axes`` (default: the inputs' mesh
+  axes), for scan carries."""
+  axes = cfg.varying if axes is None else axes
   z = jnp.zeros(shape, dtype)
-  return lax.pcast(z, cfg.varying, to="varying") if cfg.varying else z
+  return lax.pcast(z, axes, to="varying") if axes else z
 
 
 def _matmul_dtype(dtype):
@@ -99,16 +109,16 @@ def _matmul_dtype(dtype):
   return dtype
 
 
-def _logits(x_c, w, bias):
+def _logits(cfg, x_c, w, bias):
   """``(c, V)`` float32 logits of one chunk (input dtype, f32 accumulate)."""
-  z = lax.dot_general(x_c, w, (((1,), (0,)), ((), ())),
+  z = lax.dot_general(x_c, w, (((1,), (int(cfg.w_vd),)), ((), ())),
                       preferred_element_type=compute_dtype(x_c.dtype))
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def _matmuls(x_c, w, dz, keep, need_dx, need_dw, dx_dtype):
-  """``dx_c = dz w^T`` (in ``dx_dtype``) and ``x_c^T dz`` (float32
-  accumulation).
+def _matmuls(cfg, x_c, w, dz, keep, need_dx, need_dw, dx_dtype):
+  """``dx_c = dz w^T`` (in ``dx_dtype``) and ``dw_c = x_c^T dz`` (float32
+  accumulation; ``dz^T x_c`` when ``w`` is ``(V, d)``).
 
   Rows where ``keep`` is False (uncounted rows when only the loss is
   differentiated) may hold anything (NaN padding): they are zeroed for
@@ -118,12 +128,13 @@ def _matmuls(x_c, w, dz, keep, need_dx, need_dw, dx_dtype):
   dz = dz.astype(x_c.dtype)
   dx = dw = None
   if need_dx:
-    dx = lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
+    dx = lax.dot_general(dz, w, (((1,), (1 - cfg.w_vd,)), ((), ())),
                          preferred_element_type=f32).astype(dx_dtype)
   if need_dw:
     if keep is not None:
       x_c = jnp.where(keep[:, None], x_c, 0)
-    dw = lax.dot_general(x_c, dz, (((0,), (0,)), ((), ())),
+    a, b = (dz, x_c) if cfg.w_vd else (x_c, dz)
+    dw = lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                          preferred_element_type=f32)
   return dx, dw
 
@@ -167,7 +178,10 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   g_lse, g_ent = aux_cot
   forms_dz = cot is not None or g_lse is not None or g_ent is not None
   mean_ce = None if cot is None else cot[2]
-  shard = _vocab_shard(cfg, w.shape[1])
+  shard = _vocab_shard(cfg, _vocab_size(cfg, w))
+  # Mesh axes the rows vary over: hyperparameter gradients are psummed
+  # over them (over the vocabulary axis inside grad_hyper).
+  row_axes = tuple(a for a in cfg.varying if a != cfg.axis_name)
   x_dtype, w_dtype = x.dtype, w.dtype
   w = w.astype(_matmul_dtype(w.dtype))
 
@@ -175,7 +189,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
     dw_acc, db_acc, dh_acc = carry
     x_c, y_c, r_c, st_c, aux_c, cot_c, gl_c, ge_c = inp
     x_c = x_c.astype(w.dtype)
-    z = _logits(x_c, w, bias)
+    z = _logits(cfg, x_c, w, bias)
     out_st = out_aux = dx_c = None
     if st_c is None:
       # exp(z - m) is kept for this step's dz only (never a scan output).
@@ -194,7 +208,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
         dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c, shard)
       # Aux terms reach every row; the loss only counted ones.
       keep = st_c.counted if gl_c is None and ge_c is None else None
-      dx_c, dw_c = _matmuls(x_c, w, dz, keep, need.dx, need.dw,
+      dx_c, dw_c = _matmuls(cfg, x_c, w, dz, keep, need.dx, need.dw,
                              x_dtype)
       if need.dw:
         dw_acc = dw_acc + dw_c
@@ -202,17 +216,20 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
         db_acc = db_acc + jnp.sum(dz, axis=0)
       if need.hyper and cot_c is not None:
         dh = _losses.grad_hyper(z, y_c, None, hp, True, st_c, *cot_c,
-                                mean_ce)
+                                mean_ce, shard)
         dh_acc = jax.tree.map(_add, dh_acc, dh)
     return (dw_acc, db_acc, dh_acc), (out_st, out_aux, dx_c)
 
   init = (_zeros(cfg, w.shape, dtype) if forms_dz and need.dw else None,
-          _zeros(cfg, w.shape[1], dtype) if forms_dz and need.dbias else None,
-          jax.tree.map(jnp.zeros_like, hp)
+          _zeros(cfg, _vocab_size(cfg, w), dtype)
+          if forms_dz and need.dbias else None,
+          jax.tree.map(lambda a: _zeros(cfg, a.shape, a.dtype, row_axes), hp)
           if cot is not None and need.hyper else None)
   xs = (x, y, row, st, aux, None if cot is None else cot[:2], g_lse, g_ent)
   xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), xs)
   (dw, db, dh), ys = lax.scan(step, init, xs)
+  if dh is not None and row_axes:  # the rows' shares, summed over devices
+    dh = jax.tree.map(lambda a: lax.psum(a, row_axes), dh)
   new_st, new_aux, dx = jax.tree.map(_flat, ys)
   return (st if st is not None else new_st,
           aux if aux is not None else new_aux, dx,
@@ -235,10 +252,12 @@ def _fused_fwd(cfg, *args):
   (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on) = (
       _losses.unwrap_primals(a) for a in args)
   need = _Need(dx_on, dw_on, db_on, hp_on)
-  if hp_on and cfg.axis_name is not None:
-    raise NotImplementedError(
-        "gradients with respect to hyperparameters are not implemented for "
-        "the vocabulary-parallel loss (axis_name); stop_gradient them.")
+  if cfg.untyped and any(need):
+    raise ValueError(
+        "gradients of linear_cross_entropy with axis_name/batch_axis_name "
+        "need jax.shard_map(..., check_vma=True) (the default): with "
+        "check_vma=False the partial gradients of each device would not be "
+        "summed.")
   in_forward = (cfg.reduction != "none" and not hp_on
                 and cfg.grad_in_forward is not False)
   grads = None
@@ -246,8 +265,8 @@ def _fused_fwd(cfg, *args):
     # Per-row cotangents of a unit output cotangent need the mean's
     # denominators before the loop: a row is counted iff it is unmasked and
     # its support is non-empty, which only an all--inf bias can prevent.
-    shard = _vocab_shard(cfg, w.shape[1])
-    vocab = w.shape[1] if shard is None else shard.num_classes
+    shard = _vocab_shard(cfg, _vocab_size(cfg, w))
+    vocab = _vocab_size(cfg, w) if shard is None else shard.num_classes
     counted = row
     if bias is not None:
       nonempty = jnp.any(bias != -jnp.inf).astype(jnp.int32)
@@ -303,8 +322,9 @@ def _mesh_typing(cfg, diff, other):
   """Inside ``shard_map``: casts the differentiable inputs to the union of
   all inputs' varying mesh axes (``lax.pcast``), so the transposes of those
   casts sum ``dx`` over the vocabulary axis and ``dw`` over the batch axis.
-  Gradients need ``check_vma=True`` (shard_map's default): without it
-  nothing is typed and the partial gradients are not summed."""
+  (Hyperparameter gradients are psummed in :func:`_sweep`.) Gradients need
+  ``check_vma=True`` (shard_map's default): without it nothing is typed
+  and the partial gradients are not summed."""
   union: frozenset[str] = frozenset()
   for a in jax.tree.leaves((diff, other)):
     union |= _varying(a)
@@ -337,6 +357,7 @@ def linear_cross_entropy(
     axis_name: str | None = None,
     batch_axis_name: str | None = None,
     return_aux: bool = False,
+    w_layout: str = "dv",
 ) -> jax.Array | tuple[jax.Array, _losses.LossAux]:
   r"""``cross_entropy(x @ w + bias, labels, ...)`` without the logits.
 
@@ -367,8 +388,7 @@ def linear_cross_entropy(
 
   Args:
     x: ``(..., d)`` features (leading batch dimensions allowed).
-    w: ``(d, V)`` weights; a tied ``(V, d)`` embedding is passed as
-      ``emb.T`` (no copy is made).
+    w: ``(d, V)`` weights, or ``(V, d)`` with ``w_layout="vd"``.
     labels: integer labels of ``x``'s batch shape.
     bias: optional ``(V,)``; a ``-inf`` entry masks that vocabulary slot.
     chunk_size: rows per chunk, or None for the memory budget.
@@ -383,8 +403,8 @@ def linear_cross_entropy(
       and sums combine with ``pmax``/``psum`` (a few ``(chunk,)``
       collectives per chunk, never an all-gather), smoothing and z-loss
       run over the global vocabulary, and ``dx`` is summed over the axis.
-      Needs ``check_vma=True`` (the default) for gradients; hyperparameter
-      gradients are not supported there.
+      Gradients need ``check_vma=True`` (shard_map's default; an error
+      otherwise).
     batch_axis_name: inside ``jax.shard_map``, the mesh axis splitting the
       batch: ``"mean"``/``"sum"`` then reduce over the global batch (the
       result is replicated) and ``dw`` is summed over it.
@@ -392,6 +412,12 @@ def linear_cross_entropy(
       ``entropy``, ``argmax``, ``correct``), formed in the same pass over
       the chunks. When only the loss is differentiated the three-matmul
       path is kept; non-zero aux cotangents add one recomputing sweep.
+    w_layout: ``"dv"`` (the default) or ``"vd"``: ``w`` is a ``(V, d)``
+      tied embedding, the loss is that of ``x @ w.T`` and ``w``'s gradient
+      comes out ``(V, d)``, neither transposed nor copied. Passing
+      ``emb.T`` as a ``(d, V)`` ``w`` gives the same values, but on XLA's
+      CPU backend (whose matmuls take row-major operands) it costs one
+      transposed copy of ``w`` per call and one of its gradient.
 
   Returns:
     A scalar, or the per-row loss of the labels' shape for ``"none"``.
@@ -408,6 +434,9 @@ def linear_cross_entropy(
     True
   """
   _checks.check_reduction(reduction)
+  if w_layout not in ("dv", "vd"):
+    raise ValueError(f"w_layout must be 'dv' or 'vd'; got {w_layout!r}.")
+  w_vd = w_layout == "vd"
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
   if grad_in_forward and reduction == "none":
@@ -415,13 +444,14 @@ def linear_cross_entropy(
                      "or 'sum'); reduction='none' recomputes in backward.")
   x = _checks.as_float_array(x, "x")
   w = _checks.as_float_array(w, "w")
-  if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"expected x of shape (..., d) and w of shape (d, V); "
+  if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[int(w_vd)]:
+    want = "(V, d) (w_layout='vd')" if w_vd else "(d, V)"
+    raise ValueError(f"expected x of shape (..., d) and w of shape {want}; "
                      f"got x {x.shape} and w {w.shape}.")
   dtype = jnp.result_type(x.dtype, w.dtype)
   x, w = x.astype(dtype), w.astype(dtype)
   batch_shape = x.shape[:-1]
-  vocab = w.shape[1]  # this device's slice with axis_name, global below
+  vocab = w.shape[1 - w_vd]  # this device's slice with axis_name, global below
   global_vocab = vocab
   for name in (axis_name, batch_axis_name):
     try:
@@ -445,7 +475,9 @@ def linear_cross_entropy(
   hp = _losses.make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                           global_vocab, compute_dtype(dtype))
   cfg = _Cfg(reduction, chunk_size or 0, grad_in_forward, return_aux,
-             axis_name, batch_axis_name)
+             axis_name, batch_axis_name, w_vd=w_vd,
+             untyped=_check_mesh_axes(axis_name, batch_axis_name, x, w,
+                                      labels))
   lead = None
   if axis_name is None and batch_axis_name is None:
     lead = _explicit_batch_spec(x, w, bias)
@@ -468,6 +500,29 @@ def linear_cross_entropy(
                hp)
 
 
+def _check_mesh_axes(axis_name, batch_axis_name, x, w, labels) -> bool:
+  """Inside ``shard_map``: that ``w`` varies over ``axis_name`` and the
+  rows over ``batch_axis_name`` (else values would be wrong). Returns True
+  when nothing is typed (``check_vma=False``): values are right there, but
+  gradients are refused."""
+  if axis_name is None and batch_axis_name is None:
+    return False
+  if not (_varying(x) | _varying(w) | _varying(labels)):
+    return True
+  if axis_name is not None and axis_name not in _varying(w):
+    raise ValueError(
+        f"axis_name={axis_name!r}: w must be split on V over that mesh axis "
+        f"(shard_map in_specs P(None, {axis_name!r}), or "
+        f"P({axis_name!r}, None) with w_layout='vd').")
+  if (batch_axis_name is not None
+      and batch_axis_name not in _varying(x) | _varying(labels)):
+    raise ValueError(
+        f"batch_axis_name={batch_axis_name!r}: x and labels must be split "
+        f"on the batch over that mesh axis (shard_map in_specs "
+        f"P({batch_axis_name!r})).")
+  return False
+
+
 def _explicit_batch_spec(x, w, bias):
   """The batch dims' spec when Explicit mesh axes shard ``x``'s batch and
   ``w``/``bias`` are replicated, else None."""
@@ -486,7 +541,7 @@ def _local_loss(cfg, x, w, bias, labels, row, hp):
   batch_shape = x.shape[:-1]
   n = math.prod(batch_shape)
   x2, y2, row2 = x.reshape(n, -1), labels.reshape(n), row.reshape(n)
-  chunk = cfg.chunk or default_chunk_size(n, w.shape[1])
+  chunk = cfg.chunk or default_chunk_size(n, _vocab_size(cfg, w))
   pad = -n % chunk
   if pad:
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
@@ -494,6 +549,6 @@ def _local_loss(cfg, x, w, bias, labels, row, hp):
     row2 = jnp.pad(row2, (0, pad))
   cfg = cfg._replace(chunk=chunk)
   if cfg.axis_name is not None or cfg.batch_axis is not None:
-    cfg, (x2, w, bias) = _mesh_typing(cfg, (x2, w, bias), (y2, row2))
+    cfg, (x2, w, bias) = _mesh_typing(cfg, (x2, w, bias), (y2, row2, hp))
   out = _fused(cfg, x2, w, bias, y2, row2, hp)
   return _losses.shape_outputs(out, cfg.reduction, cfg.aux, batch_shape)

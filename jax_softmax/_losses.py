@@ -291,12 +291,13 @@ def grad_target(z, target, cmask, hp: Hyper, st: Stats, c_ce):
 
 
 def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
-               c_ce, c_z, mean_ce) -> Hyper:
+               c_ce, c_z, mean_ce, shard: VocabShard | None = None) -> Hyper:
   """Gradients of the loss with respect to the hyperparameters.
 
   Under ``jit`` XLA drops the ones that are not used. ``mean_ce`` is the
   cross-entropy mean for ``reduction="mean"`` with integer labels (the
-  class weights also enter its denominator), else 0.
+  class weights also enter its denominator), else 0. With ``shard`` the
+  gradients are those of the whole vocabulary (summed over the shards).
   """
   zc, p, nll = _probs(z, cmask, hp, st)
   valid = zc != _NEG_INF
@@ -304,15 +305,16 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   eps = hp.label_smoothing
   counted = st.counted
   d_eps = d_z = d_cap = d_w = None
-  n_cls = z.shape[-1]
+  n_local = z.shape[-1]
+  n_cls = _num_classes(n_local, shard)
+  local_hp = _local_weights(hp, n_local, shard)
   if is_int:
     yc = jnp.clip(target, 0, n_cls - 1)
-    nll_y = jnp.take_along_axis(nll, yc[:, None], axis=-1)[:, 0]
-    nll_y = jnp.where(st.bad, jnp.nan, nll_y)
+    nll_y = jnp.where(st.bad, jnp.nan, _take_target(nll, target, shard))
   if eps is not None:
     if is_int:
       w_y = label_weights(target, hp, n_cls, nll_y.dtype)
-      smooth = jnp.sum(_weighted(nll, hp), axis=-1) / st.k
+      smooth = _csum(_weighted(nll, local_hp), shard) / st.k
       per_row = smooth - w_y * nll_y
     else:
       dq = valid / st.k[:, None] - target
@@ -321,12 +323,13 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
   if hp.z_loss is not None:
     d_z = jnp.sum(jnp.where(counted, c_z * jnp.square(st.lse), 0.0))
   if hp.soft_cap is not None:
-    g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z)
+    g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
     # d zc / d cap for zc = cap * tanh(z / cap).
     u = z.astype(zc.dtype) / hp.soft_cap
     th = jnp.tanh(u)
     dcap = jnp.where(valid, th - u * (1 - jnp.square(th)), 0.0)
     d_cap = jnp.sum(jnp.where(valid & counted[:, None], g * dcap, 0.0))
+    d_cap = d_cap if shard is None else lax.psum(d_cap, shard.name)
   if hp.class_weights is not None:
     rows = jnp.where(counted, c_ce, 0.0)
     if is_int:
@@ -334,7 +337,11 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
       per_y = rows * ((1 - smooth_w) * nll_y - mean_ce)
       d_w = jax.ops.segment_sum(per_y, yc, num_segments=n_cls)
       if eps is not None:
-        d_w = d_w + jnp.sum(rows[:, None] * eps * nll / st.k[:, None], 0)
+        d_local = jnp.sum(rows[:, None] * eps * nll / st.k[:, None], 0)
+        if shard is not None:  # this shard's classes, summed over shards
+          d_local = lax.psum(lax.dynamic_update_slice_in_dim(
+              jnp.zeros_like(d_w), d_local, shard.offset, 0), shard.name)
+        d_w = d_w + d_local
     else:
       q = _smoothed_target(target, valid, st.k, eps)
       d_w = jnp.sum(rows[:, None] * jnp.where(q == 0, 0.0, q * nll), 0)

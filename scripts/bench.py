@@ -22,7 +22,9 @@ cannot beat:
   ``jax_softmax.LossAux`` exists, ``return_aux=True`` three ways:
   ``fused_aux`` (aux kept as metrics, ``has_aux=True``),
   ``fused_aux_discard`` (aux dropped) and ``fused_aux_entropy`` (``loss -
-  0.01 * mean(aux.entropy)`` differentiated: not the same loss), against
+  0.01 * mean(aux.entropy)`` differentiated: not the same loss),
+  ``fused_tied_T`` and ``fused_tied_vd`` (a ``(V, d)`` tied embedding
+  passed as ``emb.T``, and as it is with ``w_layout="vd"``), against
   the floor ``matmuls``: the three bare matmuls ``x w``, ``g w^T`` and
   ``x^T g`` (``g`` a precomputed ``(B, V)`` array in the input dtype, every
   product accumulated and returned in float32).
@@ -150,6 +152,16 @@ def _fused_impls() -> list[Impl]:
     loss, aux_ = lce(x, w, y, return_aux=True)
     return loss - 0.01 * jnp.mean(aux_.entropy)
 
+  def tied_t(x, emb, y, g):  # a (V, d) tied embedding passed as emb.T
+    return lce(x, emb.T, y)
+
+  def tied_vd(x, emb, y, g):  # the same embedding, w_layout="vd"
+    return lce(x, emb, y, w_layout="vd")
+
+  def as_embedding(args):  # (x, w, y, g) -> (x, w.T materialised, y, g)
+    x, w, *rest = args
+    return (x, jnp.asarray(w.T).copy(), *rest)
+
   def with_optax(x, w, y, g):
     z = jnp.matmul(x, w, preferred_element_type=F32)
     return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
@@ -167,6 +179,8 @@ def _fused_impls() -> list[Impl]:
     impls += [Impl("fused_aux", grad(aux, has_aux=True)),
               Impl("fused_aux_discard", grad(aux_discard)),
               Impl("fused_aux_entropy", grad(aux_entropy))]
+  impls += [Impl("fused_tied_T", grad(tied_t), place=as_embedding),
+            Impl("fused_tied_vd", grad(tied_vd), place=as_embedding)]
   impls += [Impl("optax", grad(with_optax)),
             Impl("matmuls", matmuls, loss=False)]
   return impls

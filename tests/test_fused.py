@@ -175,6 +175,33 @@ def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(", text)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tied_embedding_layout_vd_is_used_as_is(reduction):
+  x, w, bias, y = _data(b=64, v=100)
+  emb = jnp.asarray(w.T)  # (V, d), as a tied embedding is stored
+  cot = jnp.linspace(-1.0, 2.0, 64)
+
+  def loss(x, w, **kw):
+    out = js.linear_cross_entropy(x, w, y, bias=bias, chunk_size=16,
+                                  reduction=reduction, **kw)
+    return jnp.sum(out * cot) if reduction == "none" else out
+
+  tied = jax.value_and_grad(lambda x, e: loss(x, e, w_layout="vd"), (0, 1))
+  got = tied(x, emb)
+  value, (dx, dw) = jax.value_and_grad(loss, (0, 1))(x, w)
+  chex.assert_trees_all_close(got, (value, (dx, dw.T)), rtol=2e-5, atol=1e-6)
+  # The (V, d) embedding and its gradient are neither copied nor
+  # transposed, and the matmul count is unchanged.
+  compiled = _compiled(tied, x, emb)
+  assert _op_counts(compiled)["dot"] == (3 if reduction == "mean" else 4)
+  assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(",
+                       compiled.as_text())
+  with pytest.raises(ValueError, match=r"\(V, d\) \(w_layout='vd'\)"):
+    js.linear_cross_entropy(x, w, y, w_layout="vd")
+  with pytest.raises(ValueError, match="w_layout must be"):
+    js.linear_cross_entropy(x, w, y, w_layout="VD")
+
+
 @pytest.mark.parametrize("grad_in_forward", [None, False])
 def test_no_batch_by_vocab_buffer(grad_in_forward):
   b, d, v = 256, 16, 1000

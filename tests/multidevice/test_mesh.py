@@ -5,6 +5,8 @@ Run by tests/test_sharded.py in a subprocess that sets
 imported; skipped when collected in a process with fewer devices.
 """
 
+import contextlib
+import functools
 import re
 from collections import Counter
 
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8,
                                 reason="needs 8 (simulated) devices")
 
 B, D, V = 32, 8, 64
+MASKED = 7  # the vocabulary slot masked by a -inf bias ("masked_vocab")
 
 
 def _data():
@@ -32,12 +35,27 @@ def _data():
   return x, w, bias, y
 
 
+# Each option of linear_cross_entropy alone, then all together. "where"
+# has False rows in every shard of the batch, and all of rows 8-11 (one
+# device's rows in the data-parallel mesh) False.
+_ROWS = jnp.arange(B)
 OPTIONS = {
     "plain": {},
+    "ignore_index": {"ignore_index": -100},
+    "where": {"where": (_ROWS % 5 != 2) & (_ROWS // 4 != 2)},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "class_weights": {"class_weights": jnp.linspace(0.5, 2.0, V)},
+    "z_loss": {"z_loss": 1e-3},
+    "soft_cap": {"soft_cap": 5.0},
+    "masked_vocab": {},  # bias[MASKED] = -inf, see _case
+    "grad_in_forward": {"grad_in_forward": False},
+    "padded_chunks": {"chunk_size": 3},  # divides no local batch (32, 16, 4)
     "all": {"ignore_index": -100, "label_smoothing": 0.1,
             "class_weights": jnp.linspace(0.5, 2.0, V), "z_loss": 1e-3,
             "soft_cap": 5.0},
 }
+REDUCTIONS = ["mean", "sum", "none"]
+COT = jnp.linspace(-1.0, 1.0, B)  # cotangent of the per-row losses
 
 
 def _collectives(compiled):
@@ -50,64 +68,122 @@ def _mesh(shape, names, axis_type=AxisType.Auto):
   return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
 
-def _one_device(x, w, bias, y, reduction, opts, cot=None):
-  def f(x, w, bias):
-    out = js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
-                                  **opts)
-    return jnp.sum(out * cot) if cot is not None else out
-  return jax.value_and_grad(f, (0, 1, 2))(x, w, bias)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("option", list(OPTIONS))
-def test_vocab_parallel_1d(reduction, option):
+def _case(option):
+  """``(x, w, bias, labels, where)`` and the other options of one case."""
   x, w, bias, y = _data()
-  opts = OPTIONS[option] | {"ignore_index": -100}
-  mesh = _mesh((8,), ("model",))
-  cot = jnp.linspace(-1.0, 1.0, B) if reduction == "none" else None
-  specs = P() if reduction != "none" else P()
+  opts = dict(OPTIONS[option])
+  if "ignore_index" not in opts:
+    y = y.at[3].set(0)
+  if option == "masked_vocab":
+    bias = bias.at[MASKED].set(-jnp.inf)
+    y = jnp.where(y == MASKED, MASKED + 1, y)
+  return (x, w, bias, y, opts.pop("where", None)), opts
 
-  def local(x, w, bias):
-    return js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
-                                   axis_name="model", chunk_size=8, **opts)
 
-  sharded = jax.shard_map(local, mesh=mesh,
-                          in_specs=(P(), P(None, "model"), P("model")),
-                          out_specs=specs)
+def _scalar(loss, reduction):
+  """What is differentiated: the loss, or ``sum(out * COT)`` for "none"."""
+  def f(x, w, bias, y, where):
+    out = loss(x, w, bias, y, where)
+    return jnp.sum(out * COT) if reduction == "none" else out
+  return jax.value_and_grad(f, (0, 1, 2))
 
-  def f(x, w, bias):
-    out = sharded(x, w, bias)
-    return jnp.sum(out * cot) if cot is not None else out
 
-  vg = jax.jit(jax.value_and_grad(f, (0, 1, 2)))
-  chex.assert_trees_all_close(vg(x, w, bias),
-                              _one_device(x, w, bias, y, reduction, opts, cot),
+@functools.cache
+def _one_device(option, reduction):
+  """Value and gradients (x, w, bias) of the same call on one device."""
+  args, opts = _case(option)
+
+  def loss(x, w, bias, y, where):
+    return js.linear_cross_entropy(x, w, y, bias=bias, where=where,
+                                   reduction=reduction, **opts)
+
+  want = jax.jit(_scalar(loss, reduction))(*args)
+  assert all(jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(want))
+  return want
+
+
+def _check_case(option, reduction, loss, args, mesh=None, gather_free=True):
+  """Compiles ``loss`` once (under ``mesh`` if given), checks its value and
+  gradients against one device and (if ``gather_free``) that it has no
+  all-gather; returns the compiled HLO's collectives."""
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.set_mesh(mesh))
+    compiled = jax.jit(_scalar(loss, reduction)).lower(*args).compile()
+    got = compiled(*args)
+  chex.assert_trees_all_close(got, _one_device(option, reduction),
                               rtol=2e-5, atol=1e-6)
-  ops = _collectives(vg.lower(x, w, bias).compile())
-  assert ops["all-gather"] == 0 and ops["all-to-all"] == 0
-  assert ops["all-reduce"] > 0
+  ops = _collectives(compiled)
+  assert ops["all-gather"] == 0 or not gather_free, ops
+  return ops
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_2d_mesh_batch_axis_name(reduction):
-  x, w, bias, y = _data()
-  opts = OPTIONS["all"]
+MATRIX = pytest.mark.parametrize(
+    ("option", "reduction"),
+    [(o, r) for o in OPTIONS for r in REDUCTIONS])
+
+
+@MATRIX
+def test_vocab_parallel_1d(option, reduction):
+  args, opts = _case(option)
+  opts.setdefault("chunk_size", 8)
+  mesh = _mesh((8,), ("model",))
+
+  def local(x, w, bias, y, where):
+    return js.linear_cross_entropy(x, w, y, bias=bias, where=where,
+                                   reduction=reduction, axis_name="model",
+                                   **opts)
+
+  loss = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), P(None, "model"), P("model"), P(), P()),
+      out_specs=P())
+  ops = _check_case(option, reduction, loss, args)
+  assert ops["all-to-all"] == 0 and ops["all-reduce"] > 0, ops
+
+
+@MATRIX
+def test_2d_mesh_batch_axis_name(option, reduction):
+  args, opts = _case(option)
+  opts.setdefault("chunk_size", 4)
   mesh = _mesh((2, 4), ("data", "model"))
 
-  def local(x, w, bias, y):
-    return js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
-                                   axis_name="model", batch_axis_name="data",
-                                   chunk_size=4, **opts)
+  def local(x, w, bias, y, where):
+    return js.linear_cross_entropy(x, w, y, bias=bias, where=where,
+                                   reduction=reduction, axis_name="model",
+                                   batch_axis_name="data", **opts)
 
-  sharded = jax.shard_map(
+  loss = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(P("data"), P(None, "model"), P("model"), P("data")),
-      out_specs=P())
-  vg = jax.jit(jax.value_and_grad(sharded, (0, 1, 2)))
-  chex.assert_trees_all_close(vg(x, w, bias, y),
-                              _one_device(x, w, bias, y, reduction, opts),
-                              rtol=2e-5, atol=1e-6)
-  assert _collectives(vg.lower(x, w, bias, y).compile())["all-gather"] == 0
+      in_specs=(P("data"), P(None, "model"), P("model"), P("data"),
+                P("data")),
+      out_specs=P("data") if reduction == "none" else P())
+  _check_case(option, reduction, loss, args)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@MATRIX
+def test_data_parallel_under_jit(option, reduction, axis_type):
+  """No shard_map: the batch is placed over the mesh and the loss jitted.
+  Explicit axes are visible at trace time (the loss runs its chunk loop
+  per shard); Auto axes are not, and the strided row chunks keep each
+  chunk split like the batch (a chunk size a multiple of the 8 shards)."""
+  (x, w, bias, y, where), opts = _case(option)
+  opts.setdefault("chunk_size", 2 if axis_type == AxisType.Explicit else 8)
+  mesh = _mesh((8,), ("data",), axis_type)
+  rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  args = (jax.device_put(x, rows), jax.device_put(w, rep),
+          jax.device_put(bias, rep), jax.device_put(y, rows),
+          None if where is None else jax.device_put(where, rows))
+
+  def loss(x, w, bias, y, where):
+    return js.linear_cross_entropy(x, w, y, bias=bias, where=where,
+                                   reduction=reduction, **opts)
+
+  # Under Auto axes a batch that the chunk does not divide is padded, which
+  # re-blocks it over the devices: still exact, but gathered (documented).
+  padded = axis_type == AxisType.Auto and option == "padded_chunks"
+  _check_case(option, reduction, loss, args, mesh, gather_free=not padded)
 
 
 def test_2d_mesh_caller_psums_sum():
@@ -124,9 +200,8 @@ def test_2d_mesh_caller_psums_sum():
       in_specs=(P("data"), P(None, "model"), P("model"), P("data")),
       out_specs=P())
   got = jax.jit(jax.value_and_grad(sharded, (0, 1, 2)))(x, w, bias, y)
-  chex.assert_trees_all_close(
-      got, _one_device(x, w, bias, y, "sum", {"ignore_index": -100}),
-      rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(got, _one_device("ignore_index", "sum"),
+                              rtol=2e-5, atol=1e-6)
 
 
 def test_vocab_parallel_aux_is_global():
@@ -154,8 +229,7 @@ def test_vocab_parallel_aux_is_global():
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
-def test_data_parallel_explicit_axes(fn):
+def test_data_parallel_explicit_axes_cross_entropy():
   x, w, _, y = _data()
   mesh = _mesh((8,), ("data",), AxisType.Explicit)
   rows = NamedSharding(mesh, P("data"))
@@ -163,9 +237,7 @@ def test_data_parallel_explicit_axes(fn):
   ws = jax.device_put(w, NamedSharding(mesh, P()))
 
   def loss(x, w, y):
-    if fn == "cross_entropy":
-      return js.cross_entropy(x @ w, y, ignore_index=-100)
-    return js.linear_cross_entropy(x, w, y, ignore_index=-100, chunk_size=2)
+    return js.cross_entropy(x @ w, y, ignore_index=-100)
 
   with jax.set_mesh(mesh):
     vg = jax.jit(jax.value_and_grad(loss, (0, 1)))
@@ -188,3 +260,105 @@ def test_data_parallel_auto_axes_cross_entropy():
           lambda z: js.cross_entropy(z, y, ignore_index=-100))(x @ w),
       rtol=2e-5, atol=1e-6)
   assert _collectives(vg.lower(z, ys).compile())["all-gather"] == 0
+
+
+HYPER = {"label_smoothing": jnp.float32(0.1), "z_loss": jnp.float32(1e-3),
+         "soft_cap": jnp.float32(5.0),
+         "class_weights": jnp.linspace(0.5, 2.0, V)}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("two_d", [False, True], ids=["1d", "2d"])
+def test_hyperparameter_gradients_vocab_parallel(reduction, two_d):
+  """Gradients w.r.t. smoothing, z-loss, soft-cap and class weights over
+  the global vocabulary (and the global batch on the 2-D mesh)."""
+  x, w, bias, y = _data()
+  rows = P("data") if two_d else P()
+  mesh = (_mesh((2, 4), ("data", "model")) if two_d
+          else _mesh((8,), ("model",)))
+
+  def local(x, w, bias, y, hp):
+    return js.linear_cross_entropy(
+        x, w, y, bias=bias, reduction=reduction, ignore_index=-100,
+        axis_name="model", batch_axis_name="data" if two_d else None,
+        chunk_size=4, **hp)
+
+  hp_specs = {k: P() for k in HYPER}
+  loss = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(rows, P(None, "model"), P("model"), rows, hp_specs),
+      out_specs=P())
+
+  def one(x, w, bias, y, hp):
+    return js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
+                                   ignore_index=-100, **hp)
+
+  vg = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 4)))
+  got = vg(x, w, bias, y, HYPER)
+  want = jax.value_and_grad(one, (0, 1, 2, 4))(x, w, bias, y, HYPER)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  assert all(jnp.any(g != 0) for g in jax.tree.leaves(want[1][3]))
+  assert _collectives(vg.lower(x, w, bias, y, HYPER).compile())[
+      "all-gather"] == 0
+
+
+def test_vocab_parallel_tied_embedding_layout():
+  """``w_layout="vd"``: a (V, d) embedding split on its first axis."""
+  x, w, bias, y = _data()
+  opts = OPTIONS["all"]
+  emb = jnp.asarray(w.T)
+  mesh = _mesh((2, 4), ("data", "model"))
+
+  def local(x, emb, bias, y):
+    return js.linear_cross_entropy(x, emb, y, bias=bias, w_layout="vd",
+                                   axis_name="model", batch_axis_name="data",
+                                   chunk_size=4, **opts)
+
+  loss = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P("data"), P("model", None), P("model"), P("data")),
+      out_specs=P())
+  vg = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+  value, (dx, demb, dbias) = vg(x, emb, bias, y)
+  want = _one_device("all", "mean")
+  chex.assert_trees_all_close((value, (dx, demb.T, dbias)), want,
+                              rtol=2e-5, atol=1e-6)
+  assert _collectives(vg.lower(x, emb, bias, y).compile())["all-gather"] == 0
+
+
+def test_check_vma_false_values_exact_gradients_refused():
+  x, w, bias, y = _data()
+  mesh = _mesh((2, 4), ("data", "model"))
+
+  def local(x, w, bias, y):
+    return js.linear_cross_entropy(x, w, y, bias=bias, ignore_index=-100,
+                                   axis_name="model", batch_axis_name="data")
+
+  loss = jax.shard_map(
+      local, mesh=mesh, check_vma=False,
+      in_specs=(P("data"), P(None, "model"), P("model"), P("data")),
+      out_specs=P())
+  chex.assert_trees_all_close(jax.jit(loss)(x, w, bias, y),
+                              _one_device("ignore_index", "mean")[0],
+                              rtol=2e-5)
+  with pytest.raises(ValueError, match="check_vma=True"):
+    jax.jit(jax.grad(loss, 1))(x, w, bias, y)
+
+
+def test_unsplit_inputs_for_named_axes_are_errors():
+  x, w, bias, y = _data()
+  mesh = _mesh((2, 4), ("data", "model"))
+
+  def run(w_spec, row_spec):
+    def local(x, w, y):
+      return js.linear_cross_entropy(x, w, y, ignore_index=-100,
+                                     axis_name="model",
+                                     batch_axis_name="data")
+    return jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(row_spec, w_spec, row_spec),
+        out_specs=P()))(x, w, y)
+
+  with pytest.raises(ValueError, match="w must be split on V"):
+    run(P(), P("data"))
+  with pytest.raises(ValueError, match="must be split on the batch"):
+    run(P(None, "model"), P())

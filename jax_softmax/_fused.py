@@ -1,7 +1,9 @@
 """Fused linear cross-entropy: the loss of ``x @ w`` without the logits.
 
 Rows are processed in chunks of ``c`` rows (``lax.scan``); a chunk's logits
-``(c, V)`` live only inside one step. Two gradient strategies:
+``(c, V)`` live only inside one step. Chunks are strided (chunk ``j`` holds
+rows ``j, j + n / c, ...``), so a batch split in blocks over devices by
+``Auto`` mesh axes stays split inside every chunk. Two gradient strategies:
 
 * **gradient in the forward pass** (scalar reductions): each step also forms
   ``g = d loss / d z`` for its chunk and does ``dx_c = g w^T`` and
@@ -53,8 +55,8 @@ def default_chunk_size(num_rows: int, vocab: int) -> int:
   At least :data:`MIN_CHUNK_ROWS` (the budget yields to it for very large
   vocabularies), a multiple of 8, at most ``num_rows``; if a divisor of
   ``num_rows`` lies within a factor 2 below that, it is taken instead so no
-  padding is needed, a multiple of 8 first (so that a batch split over up
-  to 8 devices stays split inside every chunk).
+  padding is needed, a multiple of 8 first (so that a batch split over 2,
+  4 or 8 devices stays split inside every chunk).
   """
   c = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (12 * max(vocab, 1)))
   c -= c % 8
@@ -80,7 +82,12 @@ class _Cfg(NamedTuple):
 
 
 def _vocab_size(cfg, w) -> int:
-  return w.shape[0 if cfg.w_vd else 1]
+  return _dims(w, cfg.w_vd)[1]
+
+
+def _dims(w, w_vd: bool) -> tuple[int, int]:
+  """``(d, V)`` of ``w`` in either layout."""
+  return w.shape[::-1] if w_vd else w.shape
 
 
 def _vocab_shard(cfg, n_local: int) -> _losses.VocabShard | None:
@@ -381,10 +388,21 @@ def linear_cross_entropy(
   ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
   batch that no chunk divides is padded (a copy of ``x``, never of ``w``).
 
+  Sharding. Under ``jit`` with the batch split over mesh axes: on
+  ``Explicit`` axes each device runs the chunk loop on its own rows; on
+  ``Auto`` axes the strided chunks keep each device on its own rows when
+  the chunk is a multiple of the number of batch shards and divides the
+  batch (else the padded batch is gathered: exact, but slower). Inside
+  ``shard_map`` use ``axis_name`` / ``batch_axis_name``.
+
   Precision: matmuls take the inputs' dtype with float32 accumulation
   (``preferred_element_type``); the softmax math, ``dw`` and ``dbias``
   accumulate in float32; gradients come back in their inputs' dtypes, the
-  loss in ``result_type(x, float32)``.
+  loss in ``result_type(x, float32)``. Exception: when the default backend
+  is XLA's CPU, which has no half-precision matmul, half-precision
+  operands are converted to float32 once per pass (one float32 copy of
+  ``w``) and the matmuls run in float32 (so ``dz`` is not rounded to the
+  input dtype there).
 
   Args:
     x: ``(..., d)`` features (leading batch dimensions allowed).
@@ -401,7 +419,8 @@ def linear_cross_entropy(
     axis_name: inside ``jax.shard_map``, the mesh axis over which ``w``
       (and ``bias``) are split on ``V``; labels are global ids. Per-row max
       and sums combine with ``pmax``/``psum`` (a few ``(chunk,)``
-      collectives per chunk, never an all-gather), smoothing and z-loss
+      collectives per chunk, never an all-gather; differentiated class
+      weights with smoothing add a ``(V,)`` psum), smoothing and z-loss
       run over the global vocabulary, and ``dx`` is summed over the axis.
       Gradients need ``check_vma=True`` (shard_map's default; an error
       otherwise).
@@ -414,7 +433,8 @@ def linear_cross_entropy(
       path is kept; non-zero aux cotangents add one recomputing sweep.
     w_layout: ``"dv"`` (the default) or ``"vd"``: ``w`` is a ``(V, d)``
       tied embedding, the loss is that of ``x @ w.T`` and ``w``'s gradient
-      comes out ``(V, d)``, neither transposed nor copied. Passing
+      comes out ``(V, d)``, neither transposed nor copied (beyond the
+      half-precision conversion on CPU above). Passing
       ``emb.T`` as a ``(d, V)`` ``w`` gives the same values, but on XLA's
       CPU backend (whose matmuls take row-major operands) it costs one
       transposed copy of ``w`` per call and one of its gradient.
@@ -444,14 +464,14 @@ def linear_cross_entropy(
                      "or 'sum'); reduction='none' recomputes in backward.")
   x = _checks.as_float_array(x, "x")
   w = _checks.as_float_array(w, "w")
-  if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[int(w_vd)]:
+  if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != _dims(w, w_vd)[0]:
     want = "(V, d) (w_layout='vd')" if w_vd else "(d, V)"
     raise ValueError(f"expected x of shape (..., d) and w of shape {want}; "
                      f"got x {x.shape} and w {w.shape}.")
   dtype = jnp.result_type(x.dtype, w.dtype)
   x, w = x.astype(dtype), w.astype(dtype)
   batch_shape = x.shape[:-1]
-  vocab = w.shape[1 - w_vd]  # this device's slice with axis_name, global below
+  vocab = _dims(w, w_vd)[1]  # this device's slice with axis_name, global below
   global_vocab = vocab
   for name in (axis_name, batch_axis_name):
     try:
@@ -505,9 +525,11 @@ def _check_mesh_axes(axis_name, batch_axis_name, x, w, labels) -> bool:
   rows over ``batch_axis_name`` (else values would be wrong). Returns True
   when nothing is typed (``check_vma=False``): values are right there, but
   gradients are refused."""
-  if axis_name is None and batch_axis_name is None:
+  name = axis_name if axis_name is not None else batch_axis_name
+  if name is None:
     return False
-  if not (_varying(x) | _varying(w) | _varying(labels)):
+  probe = lax.pcast(jnp.zeros(()), (name,), to="varying")
+  if name not in _varying(probe):  # shard_map(..., check_vma=False)
     return True
   if axis_name is not None and axis_name not in _varying(w):
     raise ValueError(

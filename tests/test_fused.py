@@ -175,31 +175,57 @@ def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(", text)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_tied_embedding_layout_vd_is_used_as_is(reduction):
+@pytest.mark.parametrize("use", ["mean", "none", "aux_entropy"])
+def test_tied_embedding_layout_vd_is_used_as_is(use):
   x, w, bias, y = _data(b=64, v=100)
   emb = jnp.asarray(w.T)  # (V, d), as a tied embedding is stored
   cot = jnp.linspace(-1.0, 2.0, 64)
 
-  def loss(x, w, **kw):
+  def loss(x, w, bias, **kw):
+    if use == "aux_entropy":  # aux cotangents: a recomputing sweep
+      out, aux = js.linear_cross_entropy(x, w, y, bias=bias, chunk_size=16,
+                                         return_aux=True, **kw)
+      return out - 0.1 * jnp.mean(aux.entropy)
     out = js.linear_cross_entropy(x, w, y, bias=bias, chunk_size=16,
-                                  reduction=reduction, **kw)
-    return jnp.sum(out * cot) if reduction == "none" else out
+                                  reduction=use, **kw)
+    return jnp.sum(out * cot) if use == "none" else out
 
-  tied = jax.value_and_grad(lambda x, e: loss(x, e, w_layout="vd"), (0, 1))
-  got = tied(x, emb)
-  value, (dx, dw) = jax.value_and_grad(loss, (0, 1))(x, w)
-  chex.assert_trees_all_close(got, (value, (dx, dw.T)), rtol=2e-5, atol=1e-6)
+  def tied(x, e, bias):
+    return loss(x, e, bias, w_layout="vd")
+
+  got = jax.value_and_grad(tied, (0, 1, 2))(x, emb, bias)
+  value, (dx, dw, db) = jax.value_and_grad(loss, (0, 1, 2))(x, w, bias)
+  chex.assert_trees_all_close(got, (value, (dx, dw.T, db)), rtol=2e-5,
+                              atol=1e-6)
   # The (V, d) embedding and its gradient are neither copied nor
-  # transposed, and the matmul count is unchanged.
-  compiled = _compiled(tied, x, emb)
-  assert _op_counts(compiled)["dot"] == (3 if reduction == "mean" else 4)
-  assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(",
-                       compiled.as_text())
+  # transposed (a copy of a zeros broadcast, a loop's initial accumulator,
+  # is not one), and the matmul counts are those of the (d, V) layout.
+  for argnums in [(0, 1), (0,), (1,)]:
+    f = jax.value_and_grad(tied, argnums)
+    compiled = _compiled(f, x, emb, bias)
+    assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\("
+                         r"(?!%(wrapped_)?broadcast)", compiled.as_text())
+    plain = _compiled(jax.value_and_grad(loss, argnums), x, w, bias)
+    assert _op_counts(compiled)["dot"] == _op_counts(plain)["dot"]
   with pytest.raises(ValueError, match=r"\(V, d\) \(w_layout='vd'\)"):
     js.linear_cross_entropy(x, w, y, w_layout="vd")
   with pytest.raises(ValueError, match="w_layout must be"):
     js.linear_cross_entropy(x, w, y, w_layout="VD")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
+  x, w, _, y = _data(jnp.bfloat16, b=64, v=100)
+  w = w if w_layout == "dv" else jnp.asarray(w.T)
+  f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
+      x, w, y, chunk_size=16, w_layout=w_layout), (0, 1))
+  text = _compiled(f, x, w).as_text()
+  shape = "8,100" if w_layout == "dv" else "100,8"
+  # One float32 copy of w for the one sweep (without it XLA converts w
+  # inside the dots of every chunk, and no such convert appears).
+  converts = re.findall(rf"f32\[{shape}\][^ ]* convert\(", text)
+  assert len(converts) == 1
 
 
 @pytest.mark.parametrize("grad_in_forward", [None, False])

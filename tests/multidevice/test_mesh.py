@@ -267,12 +267,38 @@ HYPER = {"label_smoothing": jnp.float32(0.1), "z_loss": jnp.float32(1e-3),
          "class_weights": jnp.linspace(0.5, 2.0, V)}
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def _hyper_grads(loss, reduction, mesh=None, place=lambda a: a):
+  """Checks value and gradients w.r.t. (x, w, bias, hyperparameters) of
+  ``loss(x, w, bias, y, hp)`` against one device."""
+  x, w, bias, y = _data()
+
+  def scalar(f):
+    def g(x, w, bias, y, hp):
+      out = f(x, w, bias, y, hp)
+      return jnp.sum(out * COT) if reduction == "none" else out
+    return jax.value_and_grad(g, (0, 1, 2, 4))
+
+  def one(x, w, bias, y, hp):
+    return js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
+                                   ignore_index=-100, **hp)
+
+  args = place((x, w, bias, y, HYPER))
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.set_mesh(mesh))
+    compiled = jax.jit(scalar(loss)).lower(*args).compile()
+    got = compiled(*args)
+  want = scalar(one)(x, w, bias, y, HYPER)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  assert all(jnp.any(g != 0) for g in jax.tree.leaves(want[1][3]))
+  assert _collectives(compiled)["all-gather"] == 0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("two_d", [False, True], ids=["1d", "2d"])
 def test_hyperparameter_gradients_vocab_parallel(reduction, two_d):
   """Gradients w.r.t. smoothing, z-loss, soft-cap and class weights over
   the global vocabulary (and the global batch on the 2-D mesh)."""
-  x, w, bias, y = _data()
   rows = P("data") if two_d else P()
   mesh = (_mesh((2, 4), ("data", "model")) if two_d
           else _mesh((8,), ("model",)))
@@ -284,22 +310,31 @@ def test_hyperparameter_gradients_vocab_parallel(reduction, two_d):
         chunk_size=4, **hp)
 
   hp_specs = {k: P() for k in HYPER}
-  loss = jax.shard_map(
+  per_row = rows if reduction == "none" else P()
+  _hyper_grads(jax.shard_map(
       local, mesh=mesh,
       in_specs=(rows, P(None, "model"), P("model"), rows, hp_specs),
-      out_specs=P())
+      out_specs=per_row), reduction)
 
-  def one(x, w, bias, y, hp):
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hyperparameter_gradients_data_parallel_under_jit(reduction,
+                                                           axis_type):
+  mesh = _mesh((8,), ("data",), axis_type)
+  rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+  def place(args):
+    x, w, bias, y, hp = args
+    return (jax.device_put(x, rows), jax.device_put(w, rep),
+            jax.device_put(bias, rep), jax.device_put(y, rows),
+            jax.device_put(hp, rep))
+
+  def loss(x, w, bias, y, hp):
     return js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
-                                   ignore_index=-100, **hp)
+                                   ignore_index=-100, chunk_size=8, **hp)
 
-  vg = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 4)))
-  got = vg(x, w, bias, y, HYPER)
-  want = jax.value_and_grad(one, (0, 1, 2, 4))(x, w, bias, y, HYPER)
-  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
-  assert all(jnp.any(g != 0) for g in jax.tree.leaves(want[1][3]))
-  assert _collectives(vg.lower(x, w, bias, y, HYPER).compile())[
-      "all-gather"] == 0
+  _hyper_grads(loss, reduction, mesh, place)
 
 
 def test_vocab_parallel_tied_embedding_layout():
@@ -360,5 +395,7 @@ def test_unsplit_inputs_for_named_axes_are_errors():
 
   with pytest.raises(ValueError, match="w must be split on V"):
     run(P(), P("data"))
+  with pytest.raises(ValueError, match="w must be split on V"):
+    run(P(), P())  # nothing split at all: still typed, still an error
   with pytest.raises(ValueError, match="must be split on the batch"):
     run(P(None, "model"), P())

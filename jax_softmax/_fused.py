@@ -445,9 +445,8 @@ def linear_cross_entropy(
       comes out ``(V, d)``, neither transposed nor copied (beyond the
       half-precision conversion on CPU above). Passing
       ``emb.T`` as a ``(d, V)`` ``w`` gives the same values, but on XLA's
-      CPU backend (whose matmuls take row-major operands) a loop over
-      several chunks costs one transposed copy of ``w`` per call and one
-      of its gradient.
+      CPU backend (whose matmuls take row-major operands) it costs one
+      transposed copy of ``w`` per call and one of its gradient.
 
   Returns:
     A scalar, or the per-row loss of the labels' shape for ``"none"``.

@@ -79,7 +79,6 @@ class _Cfg(NamedTuple):
   varying: tuple[str, ...] = ()    # shard_map axes the inputs vary over
   w_vd: bool = False               # w given as (V, d)
   untyped: bool = False            # in shard_map with check_vma=False
-  auto_chunk: bool = False         # chunk from the budget (chunk_size None)
 
 
 def _vocab_size(cfg, w) -> int:
@@ -234,12 +233,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
           jax.tree.map(lambda a: _zeros(cfg, a.shape, a.dtype, row_axes), hp)
           if cot is not None and need.hyper else None)
   xs = (x, y, row, st, aux, None if cot is None else cot[:2], g_lse, g_ent)
-  chunk = cfg.chunk
-  if cfg.auto_chunk and forms_dz and need.dw and x.shape[0] <= x.shape[1]:
-    # b <= d: the (b, V) logits are no larger than the float32 dw kept
-    # anyway, and one chunk saves the per-chunk dw accumulation.
-    chunk = x.shape[0]
-  xs = jax.tree.map(lambda a: _chunks(a, chunk), xs)
+  xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), xs)
   (dw, db, dh), ys = lax.scan(step, init, xs)
   if dh is not None and row_axes:  # the rows' shares, summed over devices
     dh = jax.tree.map(lambda a: lax.psum(a, row_axes), dh)
@@ -391,11 +385,8 @@ def linear_cross_entropy(
 
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
   float32 ``dw`` accumulator ``(d, V)``; ``chunk_size=None`` picks
-  ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB), except that a pass
-  forming ``dw`` with ``b <= d`` takes the whole batch as one chunk (its
-  logits are then no larger than ``dw``, and no per-chunk accumulation of
-  ``dw`` is needed). Any ``b`` works: a batch that no chunk divides is
-  padded (a copy of ``x``, never of ``w``).
+  ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
+  batch that no chunk divides is padded (a copy of ``x``, never of ``w``).
 
   Sharding. Under ``jit`` with the batch split over mesh axes: on
   ``Explicit`` axes each device runs the chunk loop on its own rows; on
@@ -578,7 +569,7 @@ def _local_loss(cfg, x, w, bias, labels, row, hp):
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
     y2 = jnp.pad(y2, (0, pad))
     row2 = jnp.pad(row2, (0, pad))
-  cfg = cfg._replace(chunk=chunk, auto_chunk=not cfg.chunk)
+  cfg = cfg._replace(chunk=chunk)
   if cfg.axis_name is not None or cfg.batch_axis is not None:
     cfg, (x2, w, bias) = _mesh_typing(cfg, (x2, w, bias), (y2, row2, hp))
   out = _fused(cfg, x2, w, bias, y2, row2, hp)

@@ -262,34 +262,6 @@ def test_memory_at_most_one_eighth_of_optax():
   assert temp(fused) * 8 <= temp(ref)
 
 
-def test_batch_no_larger_than_d_is_one_chunk_when_dw_is_formed():
-  # b <= d: the (b, V) logits are no larger than the float32 dw, so a pass
-  # that forms dw takes the whole batch at once (no per-chunk dw adds); the
-  # loss alone, or a frozen w, keeps the budget's chunks.
-  b, d, v = 300, 320, 40000  # the budget's chunk at V = 40000: 256 rows
-  k = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(k[0], (b, d))
-  w = 0.1 * jax.random.normal(k[1], (d, v))
-  y = jax.random.randint(k[2], (b,), 0, v)
-
-  def loss(x, w):
-    return js.linear_cross_entropy(x, w, y)
-
-  got = jax.value_and_grad(loss, (0, 1))(x, w)
-  want = jax.value_and_grad(lambda x, w: js.cross_entropy(x @ w, y),
-                            (0, 1))(x, w)
-  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-7)
-  both = _compiled(jax.value_and_grad(loss, (0, 1)), x, w)
-  chunked = _compiled(jax.value_and_grad(
-      lambda x, w: js.linear_cross_entropy(x, w, y, chunk_size=256),
-      (0, 1)), x, w)
-  assert "while(" not in both.as_text() and "while(" in chunked.as_text()
-  assert (both.memory_analysis().temp_size_in_bytes
-          <= chunked.memory_analysis().temp_size_in_bytes)
-  assert "while(" in _compiled(loss, x, w).as_text()
-  assert "while(" in _compiled(jax.grad(loss), x, w).as_text()
-
-
 def test_default_chunk_size_budget():
   from jax_softmax._fused import CHUNK_BUDGET_BYTES, default_chunk_size
   c = default_chunk_size(8192, 32000)

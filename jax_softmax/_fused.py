@@ -436,8 +436,9 @@ def linear_cross_entropy(
       comes out ``(V, d)``, neither transposed nor copied (beyond the
       half-precision conversion on CPU above). Passing
       ``emb.T`` as a ``(d, V)`` ``w`` gives the same values, but on XLA's
-      CPU backend (whose matmuls take row-major operands) it costs one
-      transposed copy of ``w`` per call and one of its gradient.
+      CPU backend (whose matmuls take row-major operands) a loop over
+      several chunks costs one transposed copy of ``w`` per call and one
+      of its gradient.
 
   Returns:
     A scalar, or the per-row loss of the labels' shape for ``"none"``.
@@ -526,8 +527,8 @@ def _check_mesh_axes(axis_name, batch_axis_name, x, w, labels) -> bool:
   when nothing is typed (``check_vma=False``): values are right there, but
   gradients are refused."""
   name = axis_name if axis_name is not None else batch_axis_name
-  if name is None:
-    return False
+  if name not in jax.sharding.get_abstract_mesh().manual_axes:
+    return False  # no shard_map axis (None, or e.g. vmap's axis_name)
   probe = lax.pcast(jnp.zeros(()), (name,), to="varying")
   if name not in _varying(probe):  # shard_map(..., check_vma=False)
     return True

@@ -262,6 +262,17 @@ def test_memory_at_most_one_eighth_of_optax():
   assert temp(fused) * 8 <= temp(ref)
 
 
+def test_vocab_split_over_a_vmap_axis_name():
+  # axis_name also names a vmap axis (pmax/psum over it); no shard_map
+  # typing there, so the mesh checks stay out of the way.
+  x, w, bias, y = _data(v=40)
+  shards = w.reshape(D, 4, 10).transpose(1, 0, 2)
+  got = jax.vmap(lambda w_: js.linear_cross_entropy(
+      x, w_, y, axis_name="i", label_smoothing=0.1), axis_name="i")(shards)
+  want = js.linear_cross_entropy(x, w, y, label_smoothing=0.1)
+  np.testing.assert_allclose(got, jnp.full(4, want), rtol=2e-6)
+
+
 def test_default_chunk_size_budget():
   from jax_softmax._fused import CHUNK_BUDGET_BYTES, default_chunk_size
   c = default_chunk_size(8192, 32000)

@@ -80,12 +80,13 @@ def _case(option):
   return (x, w, bias, y, opts.pop("where", None)), opts
 
 
-def _scalar(loss, reduction):
-  """What is differentiated: the loss, or ``sum(out * COT)`` for "none"."""
-  def f(x, w, bias, y, where):
-    out = loss(x, w, bias, y, where)
+def _scalar(loss, reduction, argnums=(0, 1, 2)):
+  """What is differentiated: the loss, or ``sum(out * COT)`` for "none"
+  (by default w.r.t. x, w and bias)."""
+  def f(*args):
+    out = loss(*args)
     return jnp.sum(out * COT) if reduction == "none" else out
-  return jax.value_and_grad(f, (0, 1, 2))
+  return jax.value_and_grad(f, argnums)
 
 
 @functools.cache
@@ -102,20 +103,26 @@ def _one_device(option, reduction):
   return want
 
 
-def _check_case(option, reduction, loss, args, mesh=None, gather_free=True):
-  """Compiles ``loss`` once (under ``mesh`` if given), checks its value and
-  gradients against one device and (if ``gather_free``) that it has no
+def _check(vg, args, want, mesh=None, gather_free=True):
+  """Compiles ``vg`` once (under ``mesh`` if given), checks its output on
+  ``args`` against ``want`` and (if ``gather_free``) that it has no
   all-gather; returns the compiled HLO's collectives."""
   with contextlib.ExitStack() as stack:
     if mesh is not None:
       stack.enter_context(jax.set_mesh(mesh))
-    compiled = jax.jit(_scalar(loss, reduction)).lower(*args).compile()
+    compiled = jax.jit(vg).lower(*args).compile()
     got = compiled(*args)
-  chex.assert_trees_all_close(got, _one_device(option, reduction),
-                              rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
   ops = _collectives(compiled)
   assert ops["all-gather"] == 0 or not gather_free, ops
   return ops
+
+
+def _check_case(option, reduction, loss, args, mesh=None, gather_free=True):
+  """:func:`_check` of ``loss``'s value and gradients against one
+  device."""
+  return _check(_scalar(loss, reduction), args,
+                _one_device(option, reduction), mesh, gather_free)
 
 
 MATRIX = pytest.mark.parametrize(
@@ -272,26 +279,15 @@ def _hyper_grads(loss, reduction, mesh=None, place=lambda a: a):
   ``loss(x, w, bias, y, hp)`` against one device."""
   x, w, bias, y = _data()
 
-  def scalar(f):
-    def g(x, w, bias, y, hp):
-      out = f(x, w, bias, y, hp)
-      return jnp.sum(out * COT) if reduction == "none" else out
-    return jax.value_and_grad(g, (0, 1, 2, 4))
-
   def one(x, w, bias, y, hp):
     return js.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction,
                                    ignore_index=-100, **hp)
 
-  args = place((x, w, bias, y, HYPER))
-  with contextlib.ExitStack() as stack:
-    if mesh is not None:
-      stack.enter_context(jax.set_mesh(mesh))
-    compiled = jax.jit(scalar(loss)).lower(*args).compile()
-    got = compiled(*args)
-  want = scalar(one)(x, w, bias, y, HYPER)
-  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  argnums = (0, 1, 2, 4)
+  want = _scalar(one, reduction, argnums)(x, w, bias, y, HYPER)
   assert all(jnp.any(g != 0) for g in jax.tree.leaves(want[1][3]))
-  assert _collectives(compiled)["all-gather"] == 0
+  _check(_scalar(loss, reduction, argnums), place((x, w, bias, y, HYPER)),
+         want, mesh)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -228,6 +228,22 @@ def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
   assert len(converts) == 1
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward):
+  # XLA's CPU backend runs (d, c) @ (c, V) through YNNPACK but x_c^T @ g
+  # (lhs contracting dim 0) through a slower kernel: the dw matmul must
+  # take the chunk of x transposed.
+  x, w, _, y = _data(b=64, v=100)
+  f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
+      x, w, y, chunk_size=16, grad_in_forward=grad_in_forward), (0, 1))
+  dims = re.findall(r"f32\[8,100\][^ ]* dot\([^)]*\), "
+                    r"lhs_contracting_dims=\{(\d)\}, "
+                    r"rhs_contracting_dims=\{(\d)\}", _compiled(f, x, w)
+                    .as_text())
+  assert dims == [("1", "0")]
+
+
 @pytest.mark.parametrize("grad_in_forward", [None, False])
 def test_no_batch_by_vocab_buffer(grad_in_forward):
   b, d, v = 256, 16, 1000

@@ -402,7 +402,8 @@ def linear_cross_entropy(
   gradient matmul.
 
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
-  float32 ``dw`` accumulator ``(d, V)``; ``chunk_size=None`` picks
+  float32 ``dw`` accumulator ``(d, V)`` (and, on XLA's CPU backend, a
+  transposed copy of ``x`` for ``dw``'s matmul); ``chunk_size=None`` picks
   ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
   batch that no chunk divides is padded (a copy of ``x``, never of ``w``).
 

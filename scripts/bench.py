@@ -27,7 +27,11 @@ cannot beat:
   passed as ``emb.T``, and as it is with ``w_layout="vd"``), against
   the floor ``matmuls``: the three bare matmuls ``x w``, ``g w^T`` and
   ``x^T g`` (``g`` a precomputed ``(B, V)`` array in the input dtype, every
-  product accumulated and returned in float32).
+  product accumulated and returned in float32). ``matmuls_xt`` is the same
+  with ``x^T`` materialised first, so that ``x^T g`` is a plain product: on
+  XLA's CPU backend that one runs through YNNPACK, as the fused loss's
+  does, where the transposed-operand form takes a slower kernel; a second,
+  stricter floor to read the ratios against.
 
 Method: for each (shape, dtype) case every implementation is compiled
 first (``jax.jit(f).lower(*args).compile()``; its ``memory_analysis()``
@@ -80,6 +84,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax import lax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -170,6 +175,10 @@ def _fused_impls() -> list[Impl]:
     mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=F32)  # noqa
     return mm(x, w), mm(g, w.T), mm(x.T, g)
 
+  def matmuls_xt(x, w, y, g):  # x^T materialised: dw as a plain product
+    mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=F32)  # noqa
+    return mm(x, w), mm(g, w.T), mm(lax.optimization_barrier(x.T), g)
+
   def grad(f, has_aux=False):
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=has_aux)
 
@@ -182,7 +191,8 @@ def _fused_impls() -> list[Impl]:
   impls += [Impl("fused_tied_T", grad(tied_t), place=as_embedding),
             Impl("fused_tied_vd", grad(tied_vd), place=as_embedding)]
   impls += [Impl("optax", grad(with_optax)),
-            Impl("matmuls", matmuls, loss=False)]
+            Impl("matmuls", matmuls, loss=False),
+            Impl("matmuls_xt", matmuls_xt, loss=False)]
   return impls
 
 

@@ -43,9 +43,10 @@ CHUNK_BUDGET_BYTES = 128 * 2**20
 
 #: Fewest rows per chunk when ``chunk_size`` is None: each chunk adds its
 #: ``x_c^T g`` into the float32 ``dw`` (a read and a write of ``d * V``
-#: floats), which dominates for small chunks. Measured on 2 CPU cores,
-#: time / three-matmul floor at ``(1024, 1024, 128000)`` float32: 128 rows
-#: 1.17x, 256 rows 1.07x, 512 rows 1.10x.
+#: floats), which dominates for small chunks. Measured on 2 CPU cores
+#: (before ``dw``'s matmul took ``x`` transposed), time / three-matmul
+#: floor at ``(1024, 1024, 128000)`` float32: 128 rows 1.17x, 256 rows
+#: 1.07x, 512 rows 1.10x.
 MIN_CHUNK_ROWS = 256
 
 
@@ -132,8 +133,9 @@ def _matmuls(cfg, x_c, xt_c, w, dz, keep, need_dx, need_dw, dx_dtype):
 
   ``xt_c``, when given, is ``x_c^T`` as a ``(d, c)`` array: ``dw_c`` is
   then a plain ``(d, c) @ (c, V)`` product, which XLA's CPU backend runs
-  through its fast (YNNPACK) path, where the transposed-operand form
-  ``x_c^T dz`` falls back to a kernel measured ~20% slower.
+  through its fast (YNNPACK) path; the transposed-operand form
+  ``x_c^T dz`` takes a slower kernel there (97 against 77 ms at
+  ``(c, d, V) = (256, 512, 32000)``, measured).
 
   Rows where ``keep`` is False (uncounted rows when only the loss is
   differentiated) may hold anything (NaN padding): they are zeroed for
@@ -146,16 +148,12 @@ def _matmuls(cfg, x_c, xt_c, w, dz, keep, need_dx, need_dw, dx_dtype):
     dx = lax.dot_general(dz, w, (((1,), (1 - cfg.w_vd,)), ((), ())),
                          preferred_element_type=f32).astype(dx_dtype)
   if need_dw:
-    if xt_c is not None:
-      if keep is not None:
-        xt_c = jnp.where(keep[None, :], xt_c, 0)
-      a, b, dims = xt_c.astype(x_c.dtype), dz, (1, 0)
-    else:
-      if keep is not None:
-        x_c = jnp.where(keep[:, None], x_c, 0)
-      a, b, dims = (dz, x_c, (0, 0)) if cfg.w_vd else (x_c, dz, (0, 0))
-    dw = lax.dot_general(a, b, (((dims[0],), (dims[1],)), ((), ())),
-                         preferred_element_type=f32)
+    xo, rows = (x_c, 0) if xt_c is None else (xt_c, 1)
+    if keep is not None:
+      xo = jnp.where(jnp.expand_dims(keep, 1 - rows), xo, 0)
+    a, b, dims = ((dz, xo, ((0,), (rows,))) if cfg.w_vd
+                  else (xo, dz, ((rows,), (0,))))
+    dw = lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=f32)
   return dx, dw
 
 
@@ -248,9 +246,10 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   xs = (x, y, row, st, aux, None if cot is None else cot[:2], g_lse, g_ent)
   xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), xs)
   # On CPU, dw's matmul takes each chunk of x transposed: one (d, b) copy
-  # of x per sweep (see _matmuls). The (V, d) layout's dz^T x_c is fast.
-  xt = (jnp.swapaxes(xs[0], 1, 2) if forms_dz and need.dw and _on_cpu()
-        and not cfg.w_vd else None)
+  # of x per sweep (see _matmuls). The (V, d) layout's dz^T x_c could only
+  # be made plain by transposing dz, a (c, V) copy per chunk: it is kept.
+  xt = (jnp.swapaxes(xs[0], 1, 2).astype(w.dtype)
+        if forms_dz and need.dw and _on_cpu() and not cfg.w_vd else None)
   xs = xs[:1] + (xt,) + xs[1:]
   (dw, db, dh), ys = lax.scan(step, init, xs)
   if dh is not None and row_axes:  # the rows' shares, summed over devices
@@ -402,8 +401,9 @@ def linear_cross_entropy(
   gradient matmul.
 
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
-  float32 ``dw`` accumulator ``(d, V)`` (and, on XLA's CPU backend, a
-  transposed copy of ``x`` for ``dw``'s matmul); ``chunk_size=None`` picks
+  float32 ``dw`` accumulator ``(d, V)`` (and, on XLA's CPU backend when
+  a ``(d, V)`` ``w`` is differentiated, a transposed copy of ``x`` for
+  ``dw``'s matmul); ``chunk_size=None`` picks
   ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
   batch that no chunk divides is padded (a copy of ``x``, never of ``w``).
 

@@ -242,8 +242,8 @@ def make_args(section: str, shape: tuple[int, ...], dtype,
               with_g: bool = True) -> tuple:
   """Random inputs (logits of order 1), made on the host: no compiles.
 
-  ``g`` (the floor's ``(B, V)`` cotangent) is a ``(1, 1)`` placeholder
-  when ``with_g`` is False: only the ``matmuls`` floor reads it.
+  ``g`` (the floors' ``(B, V)`` cotangent) is a ``(1, 1)`` placeholder
+  when ``with_g`` is False: only ``matmuls`` and ``matmuls_xt`` read it.
   """
   rng = np.random.default_rng(0)
 

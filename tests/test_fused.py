@@ -230,18 +230,32 @@ def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("grad_in_forward", [None, False])
-def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward, dtype,
+                                             w_layout):
   # XLA's CPU backend runs (d, c) @ (c, V) through YNNPACK but x_c^T @ g
-  # (lhs contracting dim 0) through a slower kernel: the dw matmul must
-  # take the chunk of x transposed.
-  x, w, _, y = _data(b=64, v=100)
+  # (lhs contracting dim 0) through a slower kernel: the (d, V) layout's
+  # dw matmul takes the chunk of x transposed. The (V, d) layout keeps
+  # dz^T x_c (a plain form would transpose dz) and makes no copy of x.
+  x, w, _, y = _data(dtype, b=64, v=100)
+  w = w if w_layout == "dv" else jnp.asarray(w.T)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
-      x, w, y, chunk_size=16, grad_in_forward=grad_in_forward), (0, 1))
-  dims = re.findall(r"f32\[8,100\][^ ]* dot\([^)]*\), "
+      x, w, y, chunk_size=16, grad_in_forward=grad_in_forward,
+      w_layout=w_layout), (0, 1))
+  text = _compiled(f, x, w).as_text()
+  shape = "8,100" if w_layout == "dv" else "100,8"
+  dims = re.findall(rf"f32\[{shape}\][^ ]* dot\([^)]*\), "
                     r"lhs_contracting_dims=\{(\d)\}, "
-                    r"rhs_contracting_dims=\{(\d)\}", _compiled(f, x, w)
-                    .as_text())
-  assert dims == [("1", "0")]
+                    r"rhs_contracting_dims=\{(\d)\}", text)
+  assert dims == [("1", "0") if w_layout == "dv" else ("0", "0")]
+  # The gradient loop's inputs include the (chunks, d, c) transposed x for
+  # "dv" only (with grad_in_forward=False the forward loop has none).
+  loops = re.findall(r"%while[.\d]* = \(([^)]*)\) while\(", text)
+  assert len(loops) == (1 if grad_in_forward is None else 2)
+  has_xt = ["f32[4,8,16]" in types for types in loops]
+  assert has_xt[-1] == (w_layout == "dv")
+  assert not any(has_xt[:-1])
 
 
 @pytest.mark.parametrize("grad_in_forward", [None, False])

@@ -205,7 +205,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
 
   def step(carry, inp):
     dw_acc, db_acc, dh_acc = carry
-    x_c, xt_c, y_c, r_c, st_c, aux_c, cot_c, gl_c, ge_c = inp
+    (x_c, y_c, r_c, st_c, aux_c, cot_c, gl_c, ge_c), xt_c = inp
     x_c = x_c.astype(w.dtype)
     z = _logits(cfg, x_c, w, bias)
     out_st = out_aux = dx_c = None
@@ -250,8 +250,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   # be made plain by transposing dz, a (c, V) copy per chunk: it is kept.
   xt = (jnp.swapaxes(xs[0], 1, 2).astype(w.dtype)
         if forms_dz and need.dw and _on_cpu() and not cfg.w_vd else None)
-  xs = xs[:1] + (xt,) + xs[1:]
-  (dw, db, dh), ys = lax.scan(step, init, xs)
+  (dw, db, dh), ys = lax.scan(step, init, (xs, xt))
   if dh is not None and row_axes:  # the rows' shares, summed over devices
     dh = jax.tree.map(lambda a: lax.psum(a, row_axes), dh)
   new_st, new_aux, dx = jax.tree.map(_flat, ys)
@@ -289,8 +288,9 @@ def _fused_fwd(cfg, *args):
     # Per-row cotangents of a unit output cotangent need the mean's
     # denominators before the loop: a row is counted iff it is unmasked and
     # its support is non-empty, which only an all--inf bias can prevent.
-    shard = _vocab_shard(cfg, _vocab_size(cfg, w))
-    vocab = _vocab_size(cfg, w) if shard is None else shard.num_classes
+    vocab = _vocab_size(cfg, w)
+    shard = _vocab_shard(cfg, vocab)
+    vocab = vocab if shard is None else shard.num_classes
     counted = row
     if bias is not None:
       nonempty = jnp.any(bias != -jnp.inf).astype(jnp.int32)

@@ -167,16 +167,16 @@ def _fused_impls() -> list[Impl]:
     x, w, *rest = args
     return (x, jnp.asarray(w.T).copy(), *rest)
 
+  def mm(a, b):  # float32 accumulation and result
+    return jnp.matmul(a, b, preferred_element_type=F32)
+
   def with_optax(x, w, y, g):
-    z = jnp.matmul(x, w, preferred_element_type=F32)
-    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(mm(x, w), y).mean()
 
   def matmuls(x, w, y, g):
-    mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=F32)  # noqa
     return mm(x, w), mm(g, w.T), mm(x.T, g)
 
   def matmuls_xt(x, w, y, g):  # x^T materialised: dw as a plain product
-    mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=F32)  # noqa
     return mm(x, w), mm(g, w.T), mm(lax.optimization_barrier(x.T), g)
 
   def grad(f, has_aux=False):

@@ -213,15 +213,21 @@ def test_tied_embedding_layout_vd_is_used_as_is(use):
     js.linear_cross_entropy(x, w, y, w_layout="VD")
 
 
+def _in_layout(w, w_layout):
+  """``w`` (d, V) as passed with ``w_layout``, and its HLO shape text."""
+  if w_layout == "dv":
+    return w, "{},{}".format(*w.shape)
+  return jnp.asarray(w.T), "{1},{0}".format(*w.shape)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("w_layout", ["dv", "vd"])
 def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
   x, w, _, y = _data(jnp.bfloat16, b=64, v=100)
-  w = w if w_layout == "dv" else jnp.asarray(w.T)
+  w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, w_layout=w_layout), (0, 1))
   text = _compiled(f, x, w).as_text()
-  shape = "8,100" if w_layout == "dv" else "100,8"
   # One float32 copy of w for the one sweep (without it XLA converts w
   # inside the dots of every chunk, and no such convert appears).
   converts = re.findall(rf"f32\[{shape}\][^ ]* convert\(", text)
@@ -239,12 +245,11 @@ def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward, dtype,
   # dw matmul takes the chunk of x transposed. The (V, d) layout keeps
   # dz^T x_c (a plain form would transpose dz) and makes no copy of x.
   x, w, _, y = _data(dtype, b=64, v=100)
-  w = w if w_layout == "dv" else jnp.asarray(w.T)
+  w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, grad_in_forward=grad_in_forward,
       w_layout=w_layout), (0, 1))
   text = _compiled(f, x, w).as_text()
-  shape = "8,100" if w_layout == "dv" else "100,8"
   dims = re.findall(rf"f32\[{shape}\][^ ]* dot\([^)]*\), "
                     r"lhs_contracting_dims=\{(\d)\}, "
                     r"rhs_contracting_dims=\{(\d)\}", text)

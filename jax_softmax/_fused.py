@@ -127,9 +127,9 @@ def _logits(cfg, x_c, w, bias):
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def _matmuls(cfg, x_c, xt_c, w, dz, keep, need_dx, need_dw, dx_dtype):
-  """``dx_c = dz w^T`` (in ``dx_dtype``) and ``dw_c = x_c^T dz`` (float32
-  accumulation; ``dz^T x_c`` when ``w`` is ``(V, d)``).
+def _matmuls(cfg, x_c, xt_c, w, dz, keep, need_dx, need_dw):
+  """``dx_c = dz w^T`` and ``dw_c = x_c^T dz`` (``dz^T x_c`` when ``w`` is
+  ``(V, d)``), both accumulated and returned in float32.
 
   ``xt_c``, when given, is ``x_c^T`` as a ``(d, c)`` array: ``dw_c`` is
   then a plain ``(d, c) @ (c, V)`` product, which XLA's CPU backend runs
@@ -146,7 +146,7 @@ def _matmuls(cfg, x_c, xt_c, w, dz, keep, need_dx, need_dw, dx_dtype):
   dx = dw = None
   if need_dx:
     dx = lax.dot_general(dz, w, (((1,), (1 - cfg.w_vd,)), ((), ())),
-                         preferred_element_type=f32).astype(dx_dtype)
+                         preferred_element_type=f32)
   if need_dw:
     xo, rows = (x_c, 0) if xt_c is None else (xt_c, 1)
     if keep is not None:
@@ -190,7 +190,8 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   per-row cotangents ``cot = (c_ce, c_z, mean_ce)`` and/or aux cotangents
   ``(g_lse, g_entropy)`` it forms each chunk's ``dz`` and the gradients in
   ``need``. Returns ``(st, aux, dx, dw, dbias, dhyper)``, None where not
-  computed; ``dw`` and ``dbias`` accumulate in float32.
+  computed; the gradients are float32 (rounded to the inputs' dtypes
+  once, by the caller, after any scaling by the output cotangent).
   """
   dtype = compute_dtype(x.dtype)
   g_lse, g_ent = aux_cot
@@ -200,7 +201,6 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
   # Mesh axes the rows vary over: hyperparameter gradients are psummed
   # over them (over the vocabulary axis inside grad_hyper).
   row_axes = tuple(a for a in cfg.varying if a != cfg.axis_name)
-  x_dtype, w_dtype = x.dtype, w.dtype
   w = w.astype(_matmul_dtype(w.dtype))
 
   def step(carry, inp):
@@ -226,8 +226,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
         dz = dz + _losses.grad_aux(z, None, hp, aux_c, gl_c, ge_c, shard)
       # Aux terms reach every row; the loss only counted ones.
       keep = st_c.counted if gl_c is None and ge_c is None else None
-      dx_c, dw_c = _matmuls(cfg, x_c, xt_c, w, dz, keep, need.dx, need.dw,
-                             x_dtype)
+      dx_c, dw_c = _matmuls(cfg, x_c, xt_c, w, dz, keep, need.dx, need.dw)
       if need.dw:
         dw_acc = dw_acc + dw_c
       if need.dbias:
@@ -255,9 +254,7 @@ def _sweep(cfg, x, w, bias, y, row, hp, need, st=None, aux=None, cot=None,
     dh = jax.tree.map(lambda a: lax.psum(a, row_axes), dh)
   new_st, new_aux, dx = jax.tree.map(_flat, ys)
   return (st if st is not None else new_st,
-          aux if aux is not None else new_aux, dx,
-          None if dw is None else dw.astype(w_dtype),
-          None if db is None else db.astype(bias.dtype), dh)
+          aux if aux is not None else new_aux, dx, dw, db, dh)
 
 
 def _outputs(cfg, st, aux, hp):
@@ -329,13 +326,16 @@ def _fused_bwd(cfg, res, g):
   if grads is not None:  # the loss's share was formed in the forward pass
     for i, a in enumerate(grads[:3]):
       if a is not None:
-        scaled = (g * a).astype(a.dtype)
-        out[i] = scaled if out[i] is None else out[i] + scaled
-  dx, dw, db, dh = out
-  return dx, dw, db, None, None, dh
+        out[i] = g * a if out[i] is None else out[i] + g * a
+  # float32 until here: each gradient is rounded to its input's dtype once.
+  dx, dw, db = (None if a is None else a.astype(p.dtype)
+                for a, p in zip(out[:3], (x, w, bias), strict=True))
+  return dx, dw, db, None, None, out[3]
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+# Compiled once per configuration and shapes (eager calls stay fast).
+_fused_jit = jax.jit(_fused, static_argnums=0)
 
 
 def _varying(a) -> frozenset[str]:
@@ -372,7 +372,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     reduction: str = "mean",
     where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     label_smoothing: jax.typing.ArrayLike = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
     z_loss: jax.typing.ArrayLike = 0.0,
@@ -477,8 +477,7 @@ def linear_cross_entropy(
   if w_layout not in ("dv", "vd"):
     raise ValueError(f"w_layout must be 'dv' or 'vd'; got {w_layout!r}.")
   w_vd = w_layout == "vd"
-  if chunk_size is not None and chunk_size < 1:
-    raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
+  chunk_size = _checks.check_chunk_size(chunk_size)
   if grad_in_forward and reduction == "none":
     raise ValueError("grad_in_forward=True needs a scalar reduction ('mean' "
                      "or 'sum'); reduction='none' recomputes in backward.")
@@ -486,8 +485,12 @@ def linear_cross_entropy(
   w = _checks.as_float_array(w, "w")
   if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != _dims(w, w_vd)[0]:
     want = "(V, d) (w_layout='vd')" if w_vd else "(d, V)"
+    hint = ""
+    if w.ndim == 2 and x.ndim >= 1 and x.shape[-1] == _dims(w, not w_vd)[0]:
+      hint = (" w looks like " + ("(d, V): pass w_layout='dv'" if w_vd else
+              "a (V, d) embedding: pass w_layout='vd'") + ".")
     raise ValueError(f"expected x of shape (..., d) and w of shape {want}; "
-                     f"got x {x.shape} and w {w.shape}.")
+                     f"got x {x.shape} and w {w.shape}.{hint}")
   dtype = jnp.result_type(x.dtype, w.dtype)
   x, w = x.astype(dtype), w.astype(dtype)
   batch_shape = x.shape[:-1]
@@ -503,15 +506,12 @@ def linear_cross_entropy(
           "with that axis.") from None
     if name == axis_name:
       global_vocab *= size
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"labels must be integer class ids; got {labels.dtype}.")
-  _checks.check_integer_labels(labels, batch_shape)
   if bias is not None:
     bias = _checks.as_float_array(bias, "bias")
     if bias.shape != (vocab,):
       raise ValueError(f"bias must have shape ({vocab},); got {bias.shape}.")
-  row = _checks.row_mask(labels, where, ignore_index, global_vocab)
+  labels, row = _checks.int_label_rows(labels, batch_shape, where,
+                                       ignore_index, global_vocab)
   hp = _losses.make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                           global_vocab, compute_dtype(dtype))
   cfg = _Cfg(reduction, chunk_size or 0, grad_in_forward, return_aux,
@@ -582,8 +582,11 @@ def _local_loss(cfg, x, w, bias, labels, row, hp):
   """The fused loss over this device's rows (all rows off a mesh)."""
   batch_shape = x.shape[:-1]
   n = math.prod(batch_shape)
-  x2, y2, row2 = x.reshape(n, -1), labels.reshape(n), row.reshape(n)
-  chunk = cfg.chunk or default_chunk_size(n, _vocab_size(cfg, w))
+  x2, y2, row2 = (x.reshape(n, x.shape[-1]), labels.reshape(n),
+                 row.reshape(n))
+  # A chunk larger than the batch would only pad it: clamp it.
+  chunk = min(cfg.chunk or default_chunk_size(n, _vocab_size(cfg, w)),
+              max(n, 1))
   pad = -n % chunk
   if pad:
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
@@ -592,5 +595,5 @@ def _local_loss(cfg, x, w, bias, labels, row, hp):
   cfg = cfg._replace(chunk=chunk)
   if cfg.axis_name is not None or cfg.batch_axis is not None:
     cfg, (x2, w, bias) = _mesh_typing(cfg, (x2, w, bias), (y2, row2, hp))
-  out = _fused(cfg, x2, w, bias, y2, row2, hp)
+  out = _fused_jit(cfg, x2, w, bias, y2, row2, hp)
   return _losses.shape_outputs(out, cfg.reduction, cfg.aux, batch_shape)

@@ -37,6 +37,7 @@ def _linear_loss_bwd(res, g):
 
 
 _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
+_linear_loss_jit = jax.jit(_linear_loss)
 
 
 def linear_softmax_loss(
@@ -46,7 +47,7 @@ def linear_softmax_loss(
     reg: jax.typing.ArrayLike = 0.0,
     *,
     where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     class_weights: jax.typing.ArrayLike | None = None,
     label_smoothing: jax.typing.ArrayLike = 0.0,
 ) -> jax.Array:
@@ -67,15 +68,17 @@ def linear_softmax_loss(
 
   A ``jax.custom_vjp``: the forward pass computes ``X @ W`` once; the
   backward gives ``dW``, ``dX``, ``d reg = sum W**2`` and the
-  hyperparameters' gradients. Reverse-over-reverse works (Hessians with
-  ``jax.jacrev(jax.grad(f))``, Hessian-vector products as grad of
-  ``<grad f, v>``); forward mode does not.
+  hyperparameters' gradients. Second derivatives go through that
+  backward: Hessians with ``jax.hessian`` or ``jax.jacrev(jax.grad(f))``,
+  Hessian-vector products as grad of ``<grad f, v>`` or
+  ``jax.jvp(jax.grad(f), ...)``; only a direct ``jax.jvp`` of the loss is
+  not supported.
 
   Args:
     W: ``(d, c)`` weights (the seed's orientation).
     X: ``(n, d)`` features.
     y: ``(n,)`` integer labels in ``[0, c)``.
-    reg: L2 coefficient (may be traced; its gradient is exact).
+    reg: scalar L2 coefficient (may be traced; its gradient is exact).
     where: optional ``(n,)`` boolean row mask.
     ignore_index, class_weights, label_smoothing: as in
       :func:`cross_entropy`.
@@ -99,15 +102,13 @@ def linear_softmax_loss(
         f"and X {x.shape}.")
   x = x.astype(jnp.result_type(x.dtype, w.dtype))
   w = w.astype(x.dtype)
-  labels = jnp.asarray(y)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"y must hold integer labels; got dtype {labels.dtype}.")
-  _checks.check_integer_labels(labels, (x.shape[0],))
-  row = _checks.row_mask(labels, where, ignore_index, w.shape[1])
+  labels, row = _checks.int_label_rows(y, (x.shape[0],), where,
+                                       ignore_index, w.shape[1], name="y")
   dtype = compute_dtype(w.dtype)
   hp = _losses.make_hyper(label_smoothing, 0.0, None, class_weights,
                           w.shape[1], dtype)
-  return _linear_loss(w, x, labels, row, jnp.asarray(reg, dtype), hp)
+  reg = _checks.scalar_param(reg, "reg", dtype)
+  return _linear_loss_jit(w, x, labels, row, reg, hp)
 
 
 def softmax_with_gradients(
@@ -131,12 +132,15 @@ def softmax_with_gradients(
     Array([[-0.25,  0.25],
            [ 0.25, -0.25]], dtype=float32)
   """
-  labels = jnp.asarray(y)
-  if jnp.issubdtype(labels.dtype, jnp.integer) and jnp.ndim(W) == 2:
-    # Concrete labels are checked here, outside the jitted computation.
-    _checks.check_labels(labels, jnp.shape(W)[1], None, False)
-  return _value_and_grad(W, X, labels, reg)
+  if jnp.ndim(W) == 2 and jnp.ndim(y) == 1:
+    # Concrete labels are checked here, outside the jitted computation
+    # (the seed's contract: every label in [0, c), no ignore_index).
+    _checks.int_label_rows(y, jnp.shape(y), None, None, jnp.shape(W)[1],
+                           name="y")
+  return _value_and_grad(W, X, _checks.as_int_labels(y, "y")[0], reg)
 
 
-_value_and_grad = jax.jit(jax.value_and_grad(linear_softmax_loss))
+_value_and_grad = jax.jit(jax.value_and_grad(
+    lambda W, X, y, reg: linear_softmax_loss(W, X, y, reg,  # noqa: N803
+                                             ignore_index=None)))
 

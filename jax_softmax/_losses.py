@@ -21,11 +21,12 @@ from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax import _checks
-from jax_softmax._primitives import compute_dtype
+from jax_softmax._primitives import compute_dtype, logsumexp
 
 _NEG_INF = -jnp.inf
 
@@ -56,34 +57,53 @@ class Stats(NamedTuple):
 
 def make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                num_classes: int, dtype) -> Hyper:
-  """Validates hyperparameters; a literal 0 / None switches a term off."""
+  """Validates hyperparameters; a literal 0 / None switches a term off.
 
-  def scalar(v, name):
-    if v is None or (isinstance(v, (int, float)) and v == 0):
+  ``label_smoothing`` must lie in ``[0, 1]``, ``z_loss`` be non-negative
+  and ``soft_cap`` positive (None is no cap), all finite; traced values are
+  not checked.
+  """
+
+  def scalar(v, name, **bounds):
+    if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and v == 0 and name != "soft_cap"):
       return None
-    arr = jnp.asarray(v, dtype=dtype)
-    if arr.ndim:
-      raise ValueError(f"{name} must be a scalar; got shape {arr.shape}.")
-    return arr
+    return _checks.scalar_param(v, name, dtype, **bounds)
 
   cw = None
   if class_weights is not None:
     cw = _checks.as_float_array(class_weights, "class_weights")
     _checks.check_class_weights(cw, num_classes)
     cw = cw.astype(jnp.result_type(cw.dtype, dtype))
-  cap = None if soft_cap is None else jnp.asarray(soft_cap, dtype=dtype)
-  if cap is not None and cap.ndim:
-    raise ValueError(f"soft_cap must be a scalar; got shape {cap.shape}.")
-  return Hyper(scalar(label_smoothing, "label_smoothing"),
-               scalar(z_loss, "z_loss"), cap, cw)
+  return Hyper(scalar(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+               scalar(z_loss, "z_loss", low=0.0),
+               scalar(soft_cap, "soft_cap", low=0.0, low_open=True), cw)
+
+
+def _cap(z, cap):
+  """``cap * tanh(z / cap)``, ``-inf`` kept. Where ``|z / cap| < 2**-12``
+  that equals ``z`` to within half an ulp (``tanh u = u (1 - u**2 / 3 +
+  ...)``), and ``z`` itself is returned: a huge cap (``1e38``, where
+  ``z / cap`` underflows) is no cap."""
+  u = z / cap
+  capped = jnp.where(jnp.abs(u) < 2.0**-12, z, cap * jnp.tanh(u))
+  return jnp.where(z == _NEG_INF, _NEG_INF, capped)
+
+
+def _mul0(a, b):
+  """``a * b`` with ``0 * inf = 0``: a term whose coefficient is 0 drops
+  out of the loss even where ``b = -log p`` is ``+inf`` (a masked target
+  under ``label_smoothing=1`` or a zero class weight), as in the formulas.
+  NaN stays NaN. Written as a product so that its derivative in ``a`` is
+  ``b`` (second-order gradients through targets)."""
+  return a * jnp.where((a == 0) & (b == jnp.inf), 0.0, b)
 
 
 def _support_logits(z, cmask, hp):
   """Capped logits in the compute dtype, ``-inf`` off the support."""
   zc = z.astype(compute_dtype(z.dtype))
   if hp.soft_cap is not None:
-    zc = jnp.where(zc == _NEG_INF, _NEG_INF,
-                   hp.soft_cap * jnp.tanh(zc / hp.soft_cap))
+    zc = _cap(zc, hp.soft_cap)
   if cmask is not None:
     zc = jnp.where(cmask, zc, _NEG_INF)
   return zc
@@ -181,38 +201,57 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
   # array of its own: one fewer write and read of the block.
   shifted = zc - m[:, None]
   e = jnp.exp(shifted)
-  log_s = jnp.log(_csum(e, shard))
-  lse = m + log_s
   valid = zc != _NEG_INF
   eps = hp.label_smoothing
   k = _csum(valid.astype(zc.dtype), shard)
   if is_int:
     bad = counted & ((target < 0) | (target >= num_classes))
     z_y = _take_target(zc, target, shard) - m
-    nll_y = jnp.where(bad, jnp.nan, log_s - z_y)
+    # The sum of exp(z - m) is r_y + e_y, r_y over the classes other than
+    # the label: nll_y = log(1 + r_y / e_y) keeps a tiny r_y (a confident
+    # row: [20, 0] with label 0 gives 2.06e-9, where log_s - z_y rounds to
+    # 0). Where e_y underflows, log_s - z_y (no cancellation there).
+    not_y = _class_ids(z.shape[-1], shard)[None, :] != target[:, None]
+    r_y = _csum(jnp.where(not_y, e, 0.0), shard)
+    e_y = jnp.exp(z_y)
+    log_s = jnp.log(r_y + e_y)
+    near = z_y > -20.0
+    nll_y = jnp.where(near, jnp.log1p(r_y / jnp.where(near, e_y, 1.0)),
+                      log_s - z_y)
+    nll_y = jnp.where(bad, jnp.nan, nll_y)
     w_y = label_weights(target, hp, num_classes, zc.dtype)
-    ce = w_y * nll_y
+    ce = _mul0(w_y, nll_y)
     a = w_y
     if eps is not None:
       # (eps / K) sum_S w_c nll_c = (W_S log_s - sum_S w_c (z_c - m)) / K
       local = _local_weights(hp, z.shape[-1], shard)
       w_s = _csum(_weighted(valid.astype(zc.dtype), local), shard)
-      wz = _csum(jnp.where(valid, _weighted(shifted, local), 0.0), shard)
+      wz = _csum(_weighted(jnp.where(valid, shifted, 0.0), local), shard)
       smooth = (w_s * log_s - wz) / k
-      ce = (1 - eps) * ce + eps * smooth
+      ce = _mul0(1 - eps, ce) + eps * smooth
       a = (1 - eps) * w_y + eps * w_s / k
     weight = jnp.where(counted, w_y, 0.0)
   else:
     bad = jnp.zeros_like(counted)
+    log_s = jnp.log(_csum(e, shard))
+    target = _clean_rows(target, counted)
     q = _smoothed_target(target, valid, k, eps)
     wq = _weighted(q, hp)
     nll = log_s[:, None] - shifted
-    ce = jnp.sum(jnp.where(wq == 0, 0.0, wq * nll), axis=-1)
+    ce = jnp.sum(_mul0(wq, nll), axis=-1)
     a = jnp.sum(wq, axis=-1)
     weight = counted.astype(zc.dtype)
   ce = jnp.where(counted, ce, 0.0)
-  return Stats(jnp.where(counted, lse, 0.0), ce, counted, weight, a, k, bad,
-               m, jnp.where(counted, log_s, 0.0), e if keep_exp else None)
+  return Stats(jnp.where(counted, m + log_s, 0.0), ce, counted, weight, a, k,
+               bad, m, jnp.where(counted, log_s, 0.0),
+               e if keep_exp else None)
+
+
+def _clean_rows(a, counted):
+  """``a`` with the rows that are not counted set to 0: what an uncounted
+  row holds (NaN, inf) never reaches a sum, nor a gradient through one."""
+  return jnp.where(counted.reshape(counted.shape + (1,) * (a.ndim - 1)), a,
+                   0)
 
 
 def _smoothed_target(t, valid, k, eps):
@@ -321,11 +360,12 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
       per_row = jnp.sum(_weighted(dq * nll, hp), axis=-1)
     d_eps = jnp.sum(jnp.where(counted, c_ce * per_row, 0.0))
   if hp.z_loss is not None:
-    d_z = jnp.sum(jnp.where(counted, c_z * jnp.square(st.lse), 0.0))
+    d_z = jnp.sum(jnp.where(counted, (c_z * st.lse) * st.lse, 0.0))
   if hp.soft_cap is not None:
     g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
     # d zc / d cap for zc = cap * tanh(z / cap).
-    u = z.astype(zc.dtype) / hp.soft_cap
+    u = jnp.where(valid & counted[:, None], z.astype(zc.dtype),
+                  0.0) / hp.soft_cap
     th = jnp.tanh(u)
     dcap = jnp.where(valid, th - u * (1 - jnp.square(th)), 0.0)
     d_cap = jnp.sum(jnp.where(valid & counted[:, None], g * dcap, 0.0))
@@ -344,7 +384,7 @@ def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
         d_w = d_w + d_local
     else:
       q = _smoothed_target(target, valid, st.k, eps)
-      d_w = jnp.sum(rows[:, None] * jnp.where(q == 0, 0.0, q * nll), 0)
+      d_w = jnp.sum(rows[:, None] * _mul0(q, nll), 0)
     d_w = d_w.astype(hp.class_weights.dtype)
   return Hyper(d_eps, d_z, d_cap, d_w)
 
@@ -371,17 +411,30 @@ class LossAux(NamedTuple):
   correct: jax.Array
 
 
+def _aux_probs(z, cmask, hp: Hyper, shard: VocabShard | None):
+  """Capped logits, support, ``log p`` (0 off the support) and
+  ``lse`` of every row, counted or not; an empty row has ``lse = -inf``
+  and no support. No NaN or ``0 * inf`` is formed on the way."""
+  zc = _support_logits(z, cmask, hp)
+  valid = zc != _NEG_INF
+  m = _cmax(zc, shard)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  shifted = zc - m[:, None]
+  log_s = jnp.log(_csum(jnp.exp(shifted), shard))
+  safe = jnp.where(log_s == _NEG_INF, 0.0, log_s)[:, None]
+  log_p = jnp.where(valid, shifted - safe, 0.0)
+  return zc, valid, log_p, m + log_s
+
+
 def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool,
             shard: VocabShard | None = None) -> LossAux:
-  """:class:`LossAux` of a ``(rows, C)`` block (one more pass over it)."""
-  zc = _support_logits(z, cmask, hp)
-  m = _cmax(zc, shard)[:, None]
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  shifted = zc - m
-  e = jnp.exp(shifted)
-  s = _csum(e, shard)
-  mean_shift = _csum(jnp.where(zc != _NEG_INF, e * shifted, 0.0), shard) / s
-  log_s = jnp.log(s)
+  """:class:`LossAux` of a ``(rows, C)`` block (one more pass over it).
+
+  A row with an empty support has ``lse = -inf`` and entropy 0 (the
+  entropy of no outcome; its gradient is 0 too)."""
+  _, valid, log_p, lse = _aux_probs(z, cmask, hp, shard)
+  p = jnp.where(valid, jnp.exp(log_p), 0.0)
+  entropy = -_csum(p * log_p, shard)
   raw = z if cmask is None else jnp.where(cmask, z, _NEG_INF)
   top = jnp.argmax(raw, axis=-1)
   if shard is not None:  # first global maximum: ties go to the lowest id
@@ -390,8 +443,7 @@ def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool,
                     shard.num_classes)
     top = lax.pmin(top, shard.name)
   want = target if is_int else jnp.argmax(target, axis=-1)
-  return LossAux(m[:, 0] + log_s, log_s - mean_shift, top,
-                 counted & (top == want))
+  return LossAux(lse, entropy, top, counted & (top == want))
 
 
 def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent,
@@ -401,12 +453,7 @@ def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent,
   ``d lse / d z = p`` and ``d H / d z = -p (log p + H)``, on the support.
   ``g_lse`` / ``g_ent`` are ``(rows,)`` cotangents or None (zero).
   """
-  zc = _support_logits(z, cmask, hp)
-  valid = zc != _NEG_INF
-  m = _cmax(zc, shard)[:, None]
-  shifted = zc - jnp.where(jnp.isfinite(m), m, 0.0)
-  log_p = shifted - jnp.log(_csum(jnp.exp(shifted), shard))[:, None]
-  log_p = jnp.where(valid, log_p, 0.0)
+  zc, valid, log_p, _ = _aux_probs(z, cmask, hp, shard)
   p = jnp.where(valid, jnp.exp(log_p), 0.0)
   g = jnp.zeros_like(p)
   if g_lse is not None:
@@ -447,26 +494,37 @@ def reduce_rows(st: Stats, hp: Hyper, reduction: str,
   """Applies ``reduction`` to the per-row terms of ``st``.
 
   With ``batch_axis`` the sums (and the mean's denominators) run over the
-  global batch split over that mesh axis.
+  global batch split over that mesh axis. The z-loss term is formed per
+  row as ``(z_loss * lse) * lse``, which stays finite wherever the result
+  does (``lse**2`` alone overflows float32 beyond ``|lse| = 1.8e19``).
   """
   ce = st.ce if reduction == "none" else _bsum(st.ce, batch_axis)
-  if reduction == "mean":
-    ce = ce / _nonzero(_bsum(st.weight, batch_axis))
+  d_ce, d_z = _denominators(st, reduction, batch_axis)
+  ce = ce / d_ce
   if hp.z_loss is None:
     return ce
-  z_rows = jnp.where(st.counted, st.lse * st.lse, 0.0)
+  z_rows = jnp.where(st.counted, (hp.z_loss * st.lse) * st.lse, 0.0)
   if reduction == "none":
-    return ce + hp.z_loss * z_rows
-  z_sum = _bsum(z_rows, batch_axis)
-  if reduction == "mean":
-    z_sum = z_sum / _nonzero(_bsum(st.counted.astype(st.ce.dtype),
-                                   batch_axis))
-  return ce + hp.z_loss * z_sum
+    return ce + z_rows
+  return ce + _bsum(z_rows, batch_axis) / d_z
 
 
-def _nonzero(d):
-  # An all-ignored batch has a zero numerator too: its mean is 0, not NaN.
-  return jnp.where(d == 0, 1.0, d)
+def _denominators(st: Stats, reduction: str,
+                  batch_axis: str | tuple[str, ...] | None):
+  """Divisors of the summed cross-entropy and z-loss terms: for
+  ``"mean"``, ``sum w_y`` and the count over counted rows, else 1.
+
+  A batch with no counted row has a zero numerator too: its mean is 0, not
+  NaN. Only that case is guarded: class weights that sum to 0 over counted
+  rows divide by 0 (NaN or inf, as PyTorch).
+  """
+  one = jnp.ones((), st.ce.dtype)
+  if reduction != "mean":
+    return one, one
+  n = _bsum(st.counted.astype(st.ce.dtype), batch_axis)
+  none = n == 0
+  return (jnp.where(none, one, _bsum(st.weight, batch_axis)),
+          jnp.where(none, one, n))
 
 
 def row_cotangents(st: Stats, reduction: str, g, is_int: bool,
@@ -478,15 +536,11 @@ def row_cotangents(st: Stats, reduction: str, g, is_int: bool,
   denominator (``"mean"`` with integer labels), else 0.
   """
   g = jnp.asarray(g, st.ce.dtype)
-  zero = jnp.zeros((), st.ce.dtype)
-  if reduction == "mean":
-    d = _nonzero(_bsum(st.weight, batch_axis))
-    n = _nonzero(_bsum(st.counted.astype(st.ce.dtype), batch_axis))
-    c_ce, c_z = g / d, g / n
-    mean_ce = _bsum(st.ce, batch_axis) / d if is_int else zero
-  else:
-    c_ce = c_z = g
-    mean_ce = zero
+  d_ce, d_z = _denominators(st, reduction, batch_axis)
+  c_ce, c_z = g / d_ce, g / d_z
+  mean_ce = jnp.zeros((), st.ce.dtype)
+  if reduction == "mean" and is_int:
+    mean_ce = _bsum(st.ce, batch_axis) / d_ce
   c_ce = jnp.where(st.counted, jnp.broadcast_to(c_ce, st.ce.shape), 0.0)
   c_z = jnp.where(st.counted, jnp.broadcast_to(c_z, st.ce.shape), 0.0)
   return c_ce, c_z, mean_ce
@@ -519,6 +573,8 @@ def _cross_entropy(cfg, z, target, row, cmask, hp):
 def _cross_entropy_fwd(cfg, *args):
   z, target, row, cmask, hp = (unwrap_primals(a)[0] for a in args)
   out, st, aux = _cross_entropy_outputs(cfg, z, target, row, cmask, hp)
+  if not cfg.is_int:
+    target = _clean_rows(target, st.counted)
   return out, (z, target, cmask, hp, st, aux)
 
 
@@ -542,6 +598,9 @@ def _cross_entropy_bwd(cfg, res, g):
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd,
                       symbolic_zeros=True)
+# Compiled once per configuration and shapes, so eager calls do not run
+# the kernel op by op (under an outer jit this is inlined).
+_cross_entropy_jit = jax.jit(_cross_entropy, static_argnums=0)
 
 
 class _Rows(NamedTuple):
@@ -573,12 +632,13 @@ def _to_rows(logits, labels, axis, where, ignore_index, check_labels,
   def class_layout(x):
     return jnp.transpose(x, perm).reshape(-1, num_classes)
 
-  labels = jnp.asarray(labels)
-  is_int = bool(jnp.issubdtype(labels.dtype, jnp.integer))
-  if not is_int and not jnp.issubdtype(labels.dtype, jnp.floating):
+  dtype = np.asarray(labels).dtype if _checks.is_concrete(labels) else (
+      labels.dtype)
+  is_int = bool(jnp.issubdtype(dtype, jnp.integer)) and dtype != np.bool_
+  if not is_int and not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
         "labels must be integer class indices or floating probabilities; "
-        f"got dtype {labels.dtype}.")
+        f"got dtype {dtype}.")
   row = jnp.ones(batch_shape, bool)
   cmask = None
   if where is not None:
@@ -586,18 +646,17 @@ def _to_rows(logits, labels, axis, where, ignore_index, check_labels,
     if mask.ndim == logits.ndim:
       cmask = class_layout(_checks.broadcast_mask(mask, logits.shape,
                                                   name))
-    else:
+    elif not is_int:
       row = _checks.broadcast_mask(mask, batch_shape, "batch")
   if is_int:
-    _checks.check_integer_labels(labels, batch_shape)
-    if ignore_index is not None:
-      row = row & (labels != ignore_index)
-    counted = row if cmask is None else row & jnp.any(
+    has_class = None if cmask is None else jnp.any(
         cmask, axis=-1).reshape(batch_shape)   # rows with no class left
-    _checks.check_labels(labels, num_classes, ignore_index, check_labels,
-                         counted if where is not None else None)
+    labels, row = _checks.int_label_rows(
+        labels, batch_shape, None if where is None or cmask is not None
+        else where, ignore_index, num_classes, check_labels, has_class)
     target = labels.reshape(-1)
   else:
+    labels = jnp.asarray(labels)
     if labels.shape != logits.shape:
       raise ValueError(
           f"probability labels must have the logits' shape {logits.shape}; "
@@ -613,7 +672,7 @@ def cross_entropy(
     *,
     axis: int | tuple[int, ...] = -1,
     where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     label_smoothing: jax.typing.ArrayLike = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
     z_loss: jax.typing.ArrayLike = 0.0,
@@ -665,11 +724,15 @@ def cross_entropy(
     where: boolean mask. Of the logits' rank: a class mask (masked classes
       act as ``-inf`` logits). Otherwise a row mask broadcast to the batch
       shape. A row with no class left counts as ignored.
-    ignore_index: integer label whose rows are ignored.
+    ignore_index: integer label whose rows are ignored (default ``-100``,
+      PyTorch's; None for none). Labels of any integer dtype work for any
+      class count.
     label_smoothing: ``eps`` in ``[0, 1]``.
-    class_weights: ``(classes,)`` weights ``w``.
-    z_loss: coefficient of ``lse**2``.
-    soft_cap: positive cap, or None.
+    class_weights: ``(classes,)`` weights ``w``. A term whose weight is 0
+      is 0 even where ``-log p`` is ``+inf``; weights summing to 0 over the
+      counted rows make the ``"mean"`` NaN (0 / 0), as in PyTorch.
+    z_loss: coefficient ``>= 0`` of ``lse**2``.
+    soft_cap: positive finite cap, or None (a huge cap is no cap).
     reduction: ``"mean"``, ``"sum"`` or ``"none"``.
     check_labels: also check traced integer labels, through
       ``jax.experimental.checkify``: run the caller under
@@ -707,15 +770,17 @@ def cross_entropy(
     Array([1000., 1000.], dtype=float32)
 
   Note:
-    A ``jax.custom_vjp`` function: reverse mode (``grad``, ``jacrev``,
-    grad-of-grad for Hessian-vector products) is supported, forward mode
-    (``jvp``, ``jacfwd``, ``jax.hessian``) is not.
+    A ``jax.custom_vjp`` function: reverse mode (``grad``, ``jacrev``) is
+    supported, and so are second derivatives through the hand-written
+    backward, in reverse (grad of grad, ``jax.jacrev(jax.grad(f))``) or
+    forward mode (``jax.hessian``, ``jax.jvp(jax.grad(f), ...)``); a
+    direct ``jax.jvp`` / ``jax.jacfwd`` of the loss is not.
   """
   _checks.check_reduction(reduction)
   r = _to_rows(logits, labels, axis, where, ignore_index, check_labels)
   hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                   r.z.shape[-1], compute_dtype(r.z.dtype))
-  out = _cross_entropy(_Config(reduction, r.is_int, return_aux), r.z,
+  out = _cross_entropy_jit(_Config(reduction, r.is_int, return_aux), r.z,
                        r.target, r.row, r.cmask, hp)
   return shape_outputs(out, reduction, return_aux, r.batch_shape)
 
@@ -732,6 +797,36 @@ def shape_outputs(out, reduction: str, return_aux: bool,
   return loss, jax.tree.map(lambda a: a[:n].reshape(batch_shape), aux)
 
 
+def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
+  """Per-row :func:`cross_entropy` with optax's reading of ``where``.
+
+  optax drops masked classes from the sum over classes: probability mass
+  on a masked class is left out (here: zeroed before the loss), and a
+  masked integer target is scored by its raw logit, ``lse - z_y`` with
+  ``lse`` over the unmasked classes (its gradient ``p - onehot(y)``
+  reaches the masked target). ``cross_entropy`` itself gives ``+inf``
+  for both.
+  """
+  r = _to_rows(logits, labels, axis, where, None, False)
+  target = r.target
+  if r.cmask is not None and not r.is_int:
+    target = jnp.where(r.cmask, target, 0.0)
+  hp = make_hyper(0.0, 0.0, None, None, r.z.shape[-1],
+                  compute_dtype(r.z.dtype))
+  out = _cross_entropy_jit(_Config("none", r.is_int), r.z, target, r.row,
+                       r.cmask, hp)
+  if r.cmask is not None and r.is_int:
+    n = r.z.shape[-1]
+    in_range = (target >= 0) & (target < n)
+    y = jnp.clip(target, 0, n - 1)[:, None]
+    masked = in_range & ~jnp.take_along_axis(r.cmask, y, -1)[:, 0] & (
+        jnp.any(r.cmask, axis=-1))
+    z_y = jnp.take_along_axis(r.z, y, -1)[:, 0]
+    raw = logsumexp(r.z, axis=-1, where=r.cmask) - z_y
+    out = jnp.where(masked & r.row, raw.astype(out.dtype), out)
+  return out.reshape(r.batch_shape)
+
+
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -740,15 +835,15 @@ def softmax_cross_entropy_with_integer_labels(
 ) -> jax.Array:
   """Drop-in for ``optax.softmax_cross_entropy_with_integer_labels``.
 
-  Per-example ``-log softmax(logits)[label]`` of the batch shape, through
-  :func:`cross_entropy` (``reduction="none"``). Same signature and results
-  as optax wherever optax's result is finite and correct; departures: a
-  label outside ``[0, classes)`` gives NaN (optax wraps negative labels and
-  clips large ones), a masked target class gives ``+inf``, and the loss is
-  float32 for bfloat16/float16 logits.
+  Per-example ``-log softmax(logits)[label]`` of the batch shape, with a
+  hand-written gradient. Same signature and results as optax wherever
+  optax's result is finite and correct, ``where`` masks included (a class
+  mask that hides the target scores it by its raw logit, as optax does).
+  Departures: a label outside ``[0, classes)`` gives NaN (optax wraps
+  negative labels and clips large ones), there is no ``ignore_index``, and
+  the loss is float32 for bfloat16/float16 logits.
   """
-  return cast(jax.Array, cross_entropy(logits, labels, axis=axis,
-                                       where=where, reduction="none"))
+  return _optax_drop_in(logits, labels, axis, where)
 
 
 def softmax_cross_entropy(
@@ -759,19 +854,28 @@ def softmax_cross_entropy(
 ) -> jax.Array:
   """Drop-in for ``optax.softmax_cross_entropy`` (probability labels).
 
-  ``-sum_c labels_c log softmax(logits)_c`` per example, through
-  :func:`cross_entropy` (``reduction="none"``). Departures from optax:
+  ``-sum_c labels_c log softmax(logits)_c`` per example, with a
+  hand-written gradient. Like optax it accepts integer (one-hot) labels
+  and labels that broadcast to the logits' shape, and leaves masked
+  classes (``where`` of the logits' rank) out of the sum. Departures:
   ``-inf`` logits on classes with zero target mass give a finite loss
-  (optax: NaN), target mass on a masked or ``-inf`` class gives ``+inf``,
-  and the loss is float32 for bfloat16/float16 logits. The gradient with
-  respect to ``labels`` is exact.
+  (optax: NaN), and the loss is float32 for bfloat16/float16 logits. The
+  gradient with respect to ``labels`` is exact.
   """
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.floating):
-    raise TypeError(f"labels must be floating probabilities; got dtype "
-                    f"{labels.dtype}.")
-  return cast(jax.Array, cross_entropy(logits, labels, axis=axis,
-                                       where=where, reduction="none"))
+  z = _checks.as_float_array(logits, "logits")
+  t = jnp.asarray(labels)
+  if t.dtype == jnp.bool_ or not (jnp.issubdtype(t.dtype, jnp.integer) or
+                                  jnp.issubdtype(t.dtype, jnp.floating)):
+    raise TypeError("labels must be probabilities (floating or integer "
+                    f"one-hot); got dtype {t.dtype}.")
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    t = t.astype(compute_dtype(z.dtype))
+  try:
+    t = jnp.broadcast_to(t, z.shape)
+  except ValueError:
+    raise ValueError(f"labels of shape {t.shape} do not broadcast to the "
+                     f"logits' shape {z.shape}.") from None
+  return _optax_drop_in(z, t, axis, where)
 
 
 # --------------------------------------------------------------------------
@@ -793,8 +897,10 @@ def _nll_fwd(reduction, lp, y, row, cmask, hp):
   if cmask is not None:
     lp_y = jnp.where(jnp.take_along_axis(cmask, yc[:, None], -1)[:, 0],
                      lp_y, _NEG_INF)
+  # Uncounted rows may hold anything: their lp_y reaches no gradient.
+  lp_y = jnp.where(counted, lp_y, 0.0)
   w_y = label_weights(y, hp, num_classes, lp_y.dtype)
-  nll = jnp.where(counted, jnp.where(bad, jnp.nan, -w_y * lp_y), 0.0)
+  nll = jnp.where(counted, jnp.where(bad, jnp.nan, _mul0(w_y, -lp_y)), 0.0)
   zero = jnp.zeros_like(nll)
   st = Stats(zero, nll, counted, jnp.where(counted, w_y, 0.0), zero, zero,
              bad)
@@ -821,6 +927,7 @@ def _nll_bwd(reduction, res, g):
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd)
+_nll_jit = jax.jit(_nll, static_argnums=0)
 
 
 def nll_loss(
@@ -829,7 +936,7 @@ def nll_loss(
     *,
     axis: int | tuple[int, ...] = -1,
     where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     class_weights: jax.typing.ArrayLike | None = None,
     reduction: str = "mean",
     check_labels: bool = False,
@@ -870,5 +977,5 @@ def nll_loss(
                     f"{jnp.asarray(labels).dtype}.")
   hp = make_hyper(0.0, 0.0, None, class_weights, r.z.shape[-1],
                   compute_dtype(r.z.dtype))
-  out = _nll(reduction, r.z, r.target, r.row, r.cmask, hp)
+  out = _nll_jit(reduction, r.z, r.target, r.row, r.cmask, hp)
   return out.reshape(r.batch_shape) if reduction == "none" else out

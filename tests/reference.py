@@ -185,6 +185,22 @@ def _layout(logits, labels, axis, where, ignore_index):
   return zr, target, row, cm, batch_shape, perm, is_int
 
 
+def _log_sum(e, shifted):
+  """``log sum e`` along the last axis as ``log1p`` of the terms below the
+  maximum (``shifted == 0`` there): exact for rows whose other terms are
+  tiny, where ``log(1 + r)`` rounds ``r`` away even in float64."""
+  top = shifted == 0
+  rest = np.sum(np.where(top, 0.0, e), axis=-1)
+  return np.log1p(rest + (np.sum(top, axis=-1) - 1))
+
+
+def _mul0(a, b):
+  """``a * b`` where a zero coefficient drops its term (``0 * inf = 0``),
+  as the formulas read; NaN rows are set to NaN separately."""
+  with np.errstate(all="ignore"):
+    return np.where(a == 0, 0.0, a * b)
+
+
 class _Rows:
   """Per-row forward quantities and the local gradients of one row."""
 
@@ -212,7 +228,7 @@ def _forward(zr, target, row, cm, is_int, eps, w, zl, cap) -> _Rows:
     m = np.max(zs, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     shifted = zs - m
-    log_s = np.log(np.sum(np.where(sup, np.exp(shifted), 0.0), axis=-1))
+    log_s = _log_sum(np.where(sup, np.exp(shifted), 0.0), shifted)
     lse = m[:, 0] + log_s
     # -log p_c, stable: log sum exp(z - m) - (z_c - m); +inf off support.
     nll = np.where(sup, log_s[:, None] - shifted, np.inf)
@@ -225,7 +241,7 @@ def _forward(zr, target, row, cm, is_int, eps, w, zl, cap) -> _Rows:
       onehot = np.arange(c)[None, :] == yc[:, None]
       w_y = w[yc]
       nll_y = nll[np.arange(n), yc]
-      ce = (1 - eps) * w_y * nll_y
+      ce = _mul0((1 - eps) * w_y, nll_y)
       tw = (1 - eps) * w_y[:, None] * onehot
       if eps:
         wn = np.where(sup, w[None, :] * nll, 0.0)
@@ -237,7 +253,7 @@ def _forward(zr, target, row, cm, is_int, eps, w, zl, cap) -> _Rows:
       bad = np.zeros((n,), bool)
       q = (1 - eps) * target + eps * sup / kk
       wq = w[None, :] * q
-      ce = np.sum(np.where(wq == 0, 0.0, wq * nll), axis=-1)
+      ce = np.sum(_mul0(wq, nll), axis=-1)
       tw = wq
       weight = np.ones((n,))
       dt = np.where(sup, (1 - eps) * w[None, :] * nll, 0.0)
@@ -262,8 +278,9 @@ def _reduce(r: _Rows, reduction: str):
     return np.sum(ce) + r.zl * np.sum(zr)
   d = np.sum(np.where(r.counted, r.weight, 0.0))
   n = np.sum(r.counted)
-  return (np.sum(ce) / (d if d else 1.0)
-          + r.zl * np.sum(zr) / (n if n else 1.0))
+  with np.errstate(all="ignore"):  # weights summing to 0: NaN, as PyTorch
+    return (np.sum(ce) / (d if n else 1.0)
+            + r.zl * np.sum(zr) / (n if n else 1.0))
 
 
 def _row_cotangents(r: _Rows, reduction: str, g):
@@ -271,7 +288,8 @@ def _row_cotangents(r: _Rows, reduction: str, g):
   if reduction == "mean":
     d = np.sum(np.where(r.counted, r.weight, 0.0))
     n = np.sum(r.counted)
-    c_ce = np.full(r.ce.shape, g / (d if d else 1.0))
+    with np.errstate(all="ignore"):
+      c_ce = np.full(r.ce.shape, g / (d if n else 1.0))
     c_z = np.full(r.ce.shape, g / (n if n else 1.0))
   elif reduction == "sum":
     c_ce = c_z = np.full(r.ce.shape, g)
@@ -285,7 +303,7 @@ def _row_cotangents(r: _Rows, reduction: str, g):
 
 
 def cross_entropy(logits, labels, *, axis: Axis = -1, where=None,
-                  ignore_index=None, label_smoothing=0.0, class_weights=None,
+                  ignore_index=-100, label_smoothing=0.0, class_weights=None,
                   z_loss=0.0, soft_cap=None, reduction="mean") -> np.ndarray:
   """The issue's cross-entropy (PyTorch's, smoothing over the support)."""
   zr, t, row, cm, batch_shape, _, is_int = _layout(
@@ -297,7 +315,7 @@ def cross_entropy(logits, labels, *, axis: Axis = -1, where=None,
 
 
 def cross_entropy_vjp(logits, labels, g=1.0, *, axis: Axis = -1, where=None,
-                      ignore_index=None, label_smoothing=0.0,
+                      ignore_index=-100, label_smoothing=0.0,
                       class_weights=None, z_loss=0.0, soft_cap=None,
                       reduction="mean"):
   """Analytic ``(d_logits, d_labels)`` of ``<g, cross_entropy(...)>``.
@@ -329,7 +347,7 @@ def cross_entropy_vjp(logits, labels, g=1.0, *, axis: Axis = -1, where=None,
 
 
 def nll_loss(log_probs, labels, *, axis: Axis = -1, where=None,
-             ignore_index=None, class_weights=None,
+             ignore_index=-100, class_weights=None,
              reduction="mean") -> np.ndarray:
   """``-w_y log p_y`` per counted row; ``mean`` divides by ``sum w_y``.
 
@@ -341,7 +359,7 @@ def nll_loss(log_probs, labels, *, axis: Axis = -1, where=None,
 
 
 def nll_loss_vjp(log_probs, labels, g=1.0, *, axis: Axis = -1, where=None,
-                 ignore_index=None, class_weights=None,
+                 ignore_index=-100, class_weights=None,
                  reduction="mean") -> np.ndarray:
   """``-c w_y`` at the (unmasked) label, 0 elsewhere; NaN rows NaN."""
   return _nll(log_probs, labels, g, axis, where, ignore_index,
@@ -361,7 +379,7 @@ def _nll(log_probs, labels, g, axis, where, ignore_index, class_weights,
   w_y = w[yc]
   with np.errstate(all="ignore"):
     lp_y = np.where(cm[np.arange(n), yc], lr[np.arange(n), yc], -np.inf)
-    ce = np.where(bad, np.nan, -w_y * lp_y)
+    ce = np.where(bad, np.nan, _mul0(w_y, -lp_y))
     ce = np.where(counted, ce, 0.0)
     r = _Rows()
     r.counted, r.ce, r.weight, r.zl = counted, ce, w_y, 0.0
@@ -378,10 +396,27 @@ def _nll(log_probs, labels, g, axis, where, ignore_index, class_weights,
 
 def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1,
                                               where=None) -> np.ndarray:
-  return cross_entropy(logits, labels, axis=axis, where=where,
-                       reduction="none")
+  """optax's reading: ``lse`` over the unmasked classes minus the raw
+  target logit (finite for a masked target); rows with no class left 0."""
+  zr, y, row, cm, batch_shape, _, _ = _layout(logits, labels, axis, where,
+                                              None)
+  n, c = zr.shape
+  with np.errstate(all="ignore"):
+    zs = np.where(cm, zr, -np.inf)
+    m = np.max(zs, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    lse = m[:, 0] + np.log(np.sum(np.exp(zs - m), axis=-1))
+    yc = np.clip(y, 0, c - 1)
+    out = lse - zr[np.arange(n), yc]
+    out = np.where((y < 0) | (y >= c), np.nan, out)
+    out = np.where(row & np.any(cm, axis=-1), out, 0.0)
+  return out.reshape(batch_shape)
 
 
 def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> np.ndarray:
-  return cross_entropy(logits, labels, axis=axis, where=where,
-                       reduction="none")
+  """optax's reading: masked classes are left out of the sum."""
+  z = _f64(logits)
+  t = np.broadcast_to(_f64(labels), z.shape)
+  if where is not None and np.ndim(where) == z.ndim:
+    t = np.where(np.broadcast_to(where, z.shape), t, 0.0)
+  return cross_entropy(z, t, axis=axis, where=where, reduction="none")

@@ -36,8 +36,9 @@ What it guarantees:
   directory, fsyncs it, renames it onto its name and fsyncs the
   directory: a kill at any moment leaves the old file or the new one.
 * **Verified checkpoints.** ``save`` stores each tree's leaves as
-  ``<tree>/<i>`` arrays, with the step, the config and a JSON ``meta``
-  dict, and a SHA-256 ``fingerprint`` of all of them. ``restore`` walks
+  ``<tree>/<i>`` arrays (any dtype, bfloat16 included, restored bit for
+  bit), with the step, the config and a JSON ``meta`` dict, and a SHA-256
+  ``fingerprint`` of all of them. ``restore`` walks
   from the newest checkpoint down and returns the first that loads and
   whose checksum matches; the others are listed in ``skipped`` with a
   reason (truncated, empty, not a zip, missing array, flipped bytes), and
@@ -83,8 +84,10 @@ __all__ = ["Checkpoint", "ConfigMismatch", "RunDir", "RunDirError",
 
 LOCK_NAME = ".lock"
 CHECKPOINTS = "checkpoints"
-_STEP, _CONFIG, _META, _CHECKSUM = ("__step__", "__config__", "__meta__",
-                                    "__checksum__")
+_UMASK = os.umask(0o022)  # read it (set and restore) once, at import
+os.umask(_UMASK)
+_STEP, _CONFIG, _META, _DTYPES, _CHECKSUM = (
+    "__step__", "__config__", "__meta__", "__dtypes__", "__checksum__")
 
 
 class RunDirError(Exception):
@@ -124,7 +127,7 @@ def fingerprint(arrays: Mapping[str, Any]) -> str:
   h = hashlib.sha256()
   for name in sorted(arrays):
     a = np.asarray(arrays[name])
-    h.update(json.dumps([name, a.dtype.str, a.shape]).encode())
+    h.update(json.dumps([name, _dtype_name(a.dtype), a.shape]).encode())
     h.update(a.tobytes(order="C"))
   return h.hexdigest()
 
@@ -142,12 +145,14 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]
                  ) -> None:
   """Writes data (bytes, or a function writing to a binary file) to path
   atomically: a temp file ``<name>.<random>.tmp`` beside it is written,
-  fsynced and renamed onto path, then the directory is fsynced. Raises
-  OSError; the temp file is removed on any failure."""
+  fsynced and renamed onto path, then the directory is fsynced. The file
+  gets the permissions ``open`` would give it (0o666 less the umask).
+  Raises OSError; the temp file is removed on any failure."""
   path = Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
                              suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_UMASK)
     with os.fdopen(fd, "wb") as f:
       if callable(data):
         data(f)
@@ -165,6 +170,22 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]
     os.fsync(dir_fd)  # make the rename itself durable
   finally:
     os.close(dir_fd)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+  """dtype.str, or the name of a dtype NumPy does not know itself (such as
+  ml_dtypes' bfloat16, whose .str is a bare '<V2')."""
+  return dtype.name if dtype.isbuiltin == 2 else dtype.str
+
+
+def _named_dtype(name: str) -> np.dtype:
+  """The dtype of a _dtype_name (importing ml_dtypes, which JAX uses, for
+  bfloat16 and float8 types)."""
+  try:
+    return np.dtype(name)
+  except TypeError:
+    import ml_dtypes  # noqa: F401  registers its dtypes' names
+    return np.dtype(name)
 
 
 def _short(value):
@@ -344,12 +365,16 @@ class RunDir:
     arrays: dict[str, Any] = {
         _STEP: np.int64(step),
         _CONFIG: np.str_(json.dumps(self.config, sort_keys=True)),
-        _META: np.str_(json.dumps(dict(meta or {}), sort_keys=True))}
+        _META: np.str_(json.dumps(dict(meta or {})))}  # keys in order
     for name, leaves in trees.items():
       if "/" in name or name.startswith("__"):
         raise ValueError(f"tree name {name!r}: no '/', no leading '__'")
       for i, leaf in enumerate(leaves):
         arrays[f"{name}/{i}"] = np.asarray(leaf)
+    # .npy stores bfloat16 and the like as raw void: record their names.
+    arrays[_DTYPES] = np.str_(json.dumps(
+        {k: a.dtype.name for k, a in arrays.items()
+         if a.dtype.isbuiltin == 2}, sort_keys=True))
     arrays[_CHECKSUM] = np.str_(fingerprint(arrays))
     path = self.checkpoint_path(step)
     self.write(f"{CHECKPOINTS}/{path.name}",
@@ -364,10 +389,12 @@ class RunDir:
   def load(self, path: Path) -> Checkpoint:
     """Reads and verifies one checkpoint file; raises ValueError (or the
     reader's own error) if it is damaged."""
-    with np.load(path, allow_pickle=False) as f:
+    with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
-    if _CHECKSUM not in arrays:
+    if _CHECKSUM not in arrays or _DTYPES not in arrays:
       raise ValueError("no checksum")
+    for key, name in json.loads(str(arrays[_DTYPES])).items():
+      arrays[key] = arrays[key].view(_named_dtype(name))
     stored = str(arrays.pop(_CHECKSUM))
     if fingerprint(arrays) != stored:
       raise ValueError("checksum mismatch")

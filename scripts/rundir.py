@@ -26,12 +26,14 @@ only; nothing is ever unpickled. A trainer uses it like this::
 What it guarantees:
 
 * **One run at a time.** ``open`` (``with``) takes an exclusive
-  ``fcntl.flock`` on ``<dir>/.lock`` (on the directory itself where that
-  file cannot be created, a read-only directory). The kernel drops it when
-  the process exits, however it dies, so there is never a stale lock; a
-  second process is refused (``RunDirError`` naming the holder's pid).
-  Only under the lock does ``open`` delete the ``*.tmp`` files a killed
-  run left behind, so it never deletes another run's in-flight file.
+  ``fcntl.flock`` on ``<dir>/.lock``, which holds the holder's pid. The
+  kernel drops the lock when the process exits, however it dies, so there
+  is never a stale lock; a second process is refused (``RunDirError``
+  naming the holder's pid). Only the holder writes or deletes anything:
+  under the lock ``open`` deletes the ``*.tmp`` files a killed run left
+  behind, so it never deletes another run's in-flight file. A process that
+  cannot open the lock file for writing (a read-only directory) takes no
+  lock and is read-only (``writable`` is false).
 * **Atomic files.** ``atomic_write`` writes a temporary file in the same
   directory, fsyncs it, renames it onto its name and fsyncs the
   directory: a kill at any moment leaves the old file or the new one.
@@ -250,8 +252,7 @@ class RunDir:
                         ) from None
     except OSError as e:
       raise _io_error("create", self.checkpoint_dir, e) from None
-    self._lock()
-    self.unwritable = self._probe()
+    self.unwritable = self._lock()
     if self.unwritable is None:
       for d in (self.path, self.checkpoint_dir):
         for partial in d.glob("*.tmp"):  # left by a kill mid-write
@@ -271,15 +272,16 @@ class RunDir:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def _lock(self) -> None:
+  def _lock(self) -> str | None:
+    """Takes the lock; returns why this process may not write (None: it
+    may). Only a process holding the lock writes or deletes anything, so
+    one that cannot open the lock file for writing is read-only."""
     lock = self.path / LOCK_NAME
     try:
       fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # read-only: lock the directory itself
-      try:
-        fd = os.open(self.path, os.O_RDONLY)
-      except OSError as e:
-        raise _io_error("lock", self.path, e) from None
+    except OSError as e:
+      return self._probe() or (f"cannot open {lock} for writing "
+                               f"({e.strerror or _why(e)})")
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -298,6 +300,7 @@ class RunDir:
     with contextlib.suppress(OSError):  # the holder's pid, for the message
       os.ftruncate(fd, 0)
       os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return self._probe()
 
   def _probe(self) -> str | None:
     """None if files can be created in both directories, else why not."""

@@ -16,24 +16,41 @@ and one program is compiled. ``adam`` and ``sgd`` decay the learning rate
 to 0 on a cosine schedule; ``lbfgs`` works on the full training set and
 counts one iteration as an epoch.
 
-``--out`` receives ``metrics.json`` (rewritten after every epoch),
-``curves.png`` and ``checkpoints/epoch_NNNN.npz``. ``train_loss`` and
-``test_loss`` are the mean cross-entropy over the whole split after each
-epoch, without the ``--reg`` term.
+``--out`` is a run directory (``scripts/rundir.py``, which this script
+imports from its own directory): ``metrics.json`` (rewritten after every
+epoch), ``curves.png`` (redrawn after the first and last epochs and in
+between as often as keeps plotting under ~10% of the time),
+``checkpoints/epoch_NNNN.npz`` (the ``--keep-checkpoints`` newest) and
+``.lock``. ``train_loss`` and ``test_loss`` are the mean cross-entropy over
+the whole split after each epoch, without the ``--reg`` term.
 
-Checkpoint format: one ``.npz`` per epoch holding the parameter and
-optimizer-state leaves (flattened with ``jax.tree_util``, in tree order;
-the tree structure is rebuilt from a fresh ``init`` of the same model and
-optimizer), the epoch, the seed and settings, and the metric history. Why
-not orbax-checkpoint: the state is a few small arrays on one host, and npz
-needs no dependency beyond NumPy, stores each array's raw bytes (float32
-parameters and optimizer moments come back bit for bit, so a resumed run
-ends with exactly the metrics of an uninterrupted one), and fits in a single
-file, which makes it atomic: it is written to a temporary file in the same
-directory, fsynced, then ``os.replace``d onto its final name, so a kill at
-any moment, even mid-write, leaves either the previous checkpoints or the
-complete new one. Data order is a pure function of ``(seed, epoch)``, so no
-RNG state needs saving.
+Before any training, ``--data`` is validated (``load_data``): an .npz
+(never unpickled) holding finite real ``X (n, d)`` and integer labels ``y
+(n,)`` (integral floats are accepted), at most ``MAX_LABEL``, whose output
+layer fits in ``MAX_WEIGHT_BYTES``; labels with unused classes in their
+range draw a warning. The run directory is locked, and a run there is
+resumed only if it has this run's config, in which the data are known by a
+SHA-256 fingerprint of ``X`` and ``y`` (not by their path); adam and sgd
+runs cannot change ``--epochs`` (their cosine schedule spans it), lbfgs
+runs can be extended. Exit status: 0 done (or already complete), 2
+refused before training with one line on stderr (bad flags, data or run
+directory), 1 failed during training (a write failed, a full disk: the
+checkpoints written before stay loadable).
+
+Checkpoint format (``rundir.RunDir.save``): one ``.npz`` per epoch holding
+the parameter and optimizer-state leaves (flattened with ``jax.tree``, in
+tree order; the tree structure is rebuilt from a fresh ``init`` of the same
+model and optimizer), the epoch, the config, the metric history and a
+SHA-256 checksum of all of them; the newest checkpoint that verifies is
+resumed from. Why not orbax-checkpoint: the state is a few small arrays on
+one host, and npz needs no dependency beyond NumPy, stores each array's raw
+bytes (float32 parameters and optimizer moments come back bit for bit, so a
+resumed run ends with exactly the metrics of an uninterrupted one), and
+fits in a single file, which makes it atomic: it is written to a temporary
+file in the same directory, fsynced, then ``os.replace``d onto its final
+name, so a kill at any moment, even mid-write, leaves either the previous
+checkpoints or the complete new one. Data order is a pure function of
+``(seed, epoch)``, so no RNG state needs saving.
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -105,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 Train a softmax classifier (linear, or one hidden layer) with optax on
 scikit-learn's digits data or your own, on whatever backend JAX finds, with
 batches sharded over the local devices. Writes metrics.json, curves.png and
-one checkpoint per epoch to --out. Rerunning the same command with the same
---out resumes a killed run, or reports a finished one as complete.""",
+a checkpoint per epoch (keeping the newest) to --out. Rerunning the same
+command with the same --out resumes a killed run from its newest intact
+checkpoint, or reports a finished one as complete. Exit status: 2 when
+refused before training (flags, data, run directory), 1 when training
+fails (a full disk).""",
       epilog="""\
 examples:
   python scripts/train.py                          # linear model, digits
@@ -149,13 +169,16 @@ examples:
       help="hidden units of --model mlp (default: %(default)s)")
   parser.add_argument(
       "--data", type=Path, default=None, metavar="FILE.npz",
-      help="train on FILE.npz, arrays X (n, d) and integer labels y (n,) "
-      "in [0, classes), split 75/25 like the default, scikit-learn's "
-      "digits (1797 8x8 images, 10 classes)")
+      help="train on FILE.npz, arrays X (n, d) (finite) and integer "
+      "labels y (n,) in [0, classes), checked before training and known "
+      "to a run by their SHA-256, not the path; split 75/25 like the "
+      "default, scikit-learn's digits (1797 8x8 images, 10 classes)")
   parser.add_argument(
       "--out", type=Path, default=None, metavar="DIR",
-      help="output directory; a run already there with the same settings "
-      "is resumed from its last checkpoint (default: runs/<timestamp>)")
+      help="run directory, locked while a run uses it; a run already "
+      "there with the same settings and data is resumed from its newest "
+      "intact checkpoint, or reported complete (default: "
+      "runs/<timestamp>)")
   parser.add_argument(
       "--keep-checkpoints", type=NON_NEGATIVE_INT, default=3, metavar="N",
       help="keep the N newest checkpoints, 0 for all (default: %(default)s)")
@@ -503,7 +526,7 @@ def plot(history, title, f):
 
 
 # ------------------------------------------------------------------ main
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2) -> NoReturn:
   """Exits with one line on stderr: code 2 refuses before training (flags,
   data, run directory), code 1 is a failure during training."""
   print(f"train.py: error: {message}", file=sys.stderr, flush=True)

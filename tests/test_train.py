@@ -563,6 +563,14 @@ def test_bad_flags_exit_2(argv, tmp_path, capsys):
   assert "error:" in capsys.readouterr().err
 
 
+def test_too_many_devices_message_counts_them(tmp_path, capsys):
+  n = len(jax.devices())
+  with pytest.raises(SystemExit):
+    train.main(["--mesh", f"data={n + 1}", "--out", str(tmp_path)])
+  noun = "device" if n == 1 else "devices"
+  assert capsys.readouterr().err.endswith(f": only {n} {noun}\n")
+
+
 def test_help_explains_every_flag(capsys):
   with pytest.raises(SystemExit) as e:
     train.main(["--help"])

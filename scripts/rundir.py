@@ -39,15 +39,16 @@ What it guarantees:
   directory: a kill at any moment leaves the old file or the new one.
 * **Verified checkpoints.** ``save`` stores each tree's leaves as
   ``<tree>/<i>`` arrays (any dtype, bfloat16 included, restored bit for
-  bit), with the step, the config and a JSON ``meta`` dict, and a SHA-256
-  ``fingerprint`` of all of them. ``restore`` walks
-  from the newest checkpoint down and returns the first that loads and
-  whose checksum matches; the others are listed in ``skipped`` with a
-  reason (truncated, empty, not a zip, missing array, flipped bytes), and
-  the writer renames the skipped ones newer than the restored checkpoint
-  to ``<name>.corrupt``, so that pruning never prefers them. Files not
+  bit), with the step, the config, a JSON ``meta`` dict and a SHA-256
+  ``fingerprint`` of all of them. ``restore`` walks from the newest
+  checkpoint down and returns the first that loads and whose checksum
+  matches; the newer ones are listed in ``skipped`` with a reason
+  (truncated, empty, not a zip, missing array, flipped bytes) and renamed
+  ``<name>.corrupt`` by a writer, kept for inspection and reported once.
+  Pruning only counts checkpoints up to the step just saved. Files not
   named exactly ``<prefix>_<digits>.npz`` (``epoch_0001 (copy).npz``) are
-  ignored.
+  ignored. ``Checkpoint.trees`` holds NumPy arrays; rebuild a pytree with
+  ``jax.tree.unflatten(jax.tree.structure(template), leaves)``.
 * **Identity.** ``restore`` raises ``ConfigMismatch`` (a ``RunDirError``)
   when the verified checkpoint was written with another config, keys in
   ``free`` excepted (settings that may change between sessions, such as
@@ -334,12 +335,19 @@ class RunDir:
       raise _io_error("write", path, e) from None
     return path
 
+  def holds(self, name: str, data: bytes) -> bool:
+    """Whether path/name exists and holds exactly data (so that a finished
+    run can be reported without writing)."""
+    try:
+      return (self.path / name).read_bytes() == data
+    except OSError:
+      return False
+
   def write_if_changed(self, name: str, data: bytes) -> bool:
     """Writes data to path/name unless the file already holds exactly
     that; returns whether it wrote."""
-    with contextlib.suppress(OSError):
-      if (self.path / name).read_bytes() == data:
-        return False
+    if self.holds(name, data):
+      return False
     self.write(name, data)
     return True
 

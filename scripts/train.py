@@ -502,8 +502,8 @@ def metrics_json(history, config, backend) -> bytes:
 
 
 def write_outputs(run, history, config, backend, curves=True):
-  """curves.png (if curves), then metrics.json, so that a metrics.json of
-  the final epoch means a final plot."""
+  """curves.png (if curves), then metrics.json, so that an up-to-date
+  metrics.json of a finished run means a final plot too."""
   if curves:
     title = "{model} model, {optimizer}, {data}".format(**config)
     run.write("curves.png", lambda f: plot(history, title, f))
@@ -624,7 +624,8 @@ def train(args, run, data, config, started) -> int:
       fail(f"--out {run.path}: it holds {start} epochs, more than --epochs "
            f"{args.epochs}; pass --epochs {start} or more, or another --out")
     if start == args.epochs:
-      if lead and not _up_to_date(run, history, config, backend):
+      if lead and not run.holds("metrics.json",
+                                metrics_json(history, config, backend)):
         if run.writable:
           write_outputs(run, history, config, backend)
         else:
@@ -689,15 +690,6 @@ def train(args, run, data, config, started) -> int:
         f"({time.monotonic() - started:.1f} s); wrote {run.path}/"
         "metrics.json, curves.png, checkpoints/")
   return 0
-
-
-def _up_to_date(run, history, config, backend) -> bool:
-  """Whether metrics.json (written after curves.png) already holds this."""
-  try:
-    on_disk = (run.path / "metrics.json").read_bytes()
-  except OSError:
-    return False
-  return on_disk == metrics_json(history, config, backend)
 
 
 if __name__ == "__main__":

@@ -368,10 +368,10 @@ class RunDir:
            meta: Mapping[str, Any] | None = None) -> Path:
     """Writes checkpoint ``step`` atomically and prunes to ``keep``.
 
-    trees maps a name (no ``/``) to a sequence of arrays (a pytree's
-    leaves, e.g. ``jax.tree_util.tree_leaves``); meta is JSON (floats
-    round-trip exactly). Raises RunDirError if it cannot be written; the
-    checkpoints saved before stay loadable.
+    trees maps a name (no ``/``) to a sequence of numeric arrays (a
+    pytree's leaves, ``jax.tree.leaves``; device arrays are copied to the
+    host); meta is JSON (floats round-trip exactly). Raises RunDirError if
+    it cannot be written; the checkpoints saved before stay loadable.
     """
     arrays: dict[str, Any] = {
         _STEP: np.int64(step),
@@ -381,7 +381,9 @@ class RunDir:
       if "/" in name or name.startswith("__"):
         raise ValueError(f"tree name {name!r}: no '/', no leading '__'")
       for i, leaf in enumerate(leaves):
-        arrays[f"{name}/{i}"] = np.asarray(leaf)
+        arrays[f"{name}/{i}"] = a = np.asarray(leaf)
+        if a.dtype.hasobject:  # would be pickled, and never loaded
+          raise ValueError(f"{name}/{i}: an array of Python objects")
     # .npy stores bfloat16 and the like as raw void: record their names.
     arrays[_DTYPES] = np.str_(json.dumps(
         {k: a.dtype.name for k, a in arrays.items()
@@ -459,8 +461,8 @@ class RunDir:
   def _match(ckpt: Checkpoint, templates: Mapping[str, Sequence[Any]]
              ) -> None:
     def spec(leaves):  # no copy of device arrays to the host
-      return [(tuple(np.shape(a)),
-               np.dtype(getattr(a, "dtype", None) or np.asarray(a).dtype))
+      return [(tuple(np.shape(a)), np.dtype(
+          a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype))
               for a in leaves]
     for name, leaves in templates.items():
       if spec(ckpt.trees.get(name, [])) != spec(leaves):

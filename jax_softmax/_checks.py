@@ -98,6 +98,12 @@ def is_concrete(a) -> bool:
 _INT32 = np.iinfo(np.int32)
 
 
+def dtype_of(a) -> np.dtype:
+  """``a``'s dtype without converting it (a Python int list reads as
+  NumPy does: int64 for big values, where ``jnp.asarray`` would wrap)."""
+  return np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
+
+
 def as_int_labels(labels, name: str = "labels"
                   ) -> tuple[jax.Array, np.ndarray | None]:
   """Integer labels as ``int32``, and their exact values when concrete.
@@ -113,12 +119,12 @@ def as_int_labels(labels, name: str = "labels"
   Raises:
     TypeError: labels that are not integers.
   """
-  raw = np.asarray(labels) if is_concrete(labels) else None
-  dtype = np.dtype(labels.dtype if raw is None else raw.dtype)
+  dtype = dtype_of(labels)
   if not jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_:
     raise TypeError(f"{name} must be integer class indices; got dtype "
                     f"{dtype}.")
-  if raw is not None:
+  if is_concrete(labels):
+    raw = np.asarray(labels)
     return jnp.asarray(np.clip(raw, _INT32.min, _INT32.max).astype(
         np.int32)), raw
   if dtype.itemsize >= 4 and dtype != np.int32:
@@ -234,7 +240,7 @@ def scalar_param(value, name: str, dtype, *, low: float = -np.inf,
     TypeError: not a real number (a string, a bool, a complex number).
     ValueError: not a scalar, or a concrete value out of range.
   """
-  kind = np.asarray(value).dtype if is_concrete(value) else value.dtype
+  kind = dtype_of(value)
   if kind == np.bool_ or not (jnp.issubdtype(kind, jnp.integer)
                               or jnp.issubdtype(kind, jnp.floating)):
     raise TypeError(f"{name} must be a real number; got {value!r}.")

@@ -8,8 +8,10 @@ rows ``j, j + n / c, ...``), so a batch split in blocks over devices by
 * **gradient in the forward pass** (scalar reductions): each step also forms
   ``g = d loss / d z`` for its chunk and does ``dx_c = g w^T`` and
   ``dw += x_c^T g`` (float32 accumulator). Residuals are ``dx``, ``dw``
-  (and ``dbias``); the backward pass only scales them by the incoming
-  cotangent. Three matmuls in all, the minimum.
+  (and ``dbias``), kept in float32; the backward pass only scales them by
+  the incoming cotangent and rounds each to its input's dtype once (a
+  half-precision gradient under loss scaling is neither rounded twice nor
+  flushed to 0). Three matmuls in all, the minimum.
 * **recompute in the backward pass** (``reduction="none"``,
   ``grad_in_forward=False``, or differentiated hyperparameters): residuals
   are ``x``, ``w``, ``bias`` and per-row statistics (``lse`` and a few
@@ -401,11 +403,13 @@ def linear_cross_entropy(
   gradient matmul.
 
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
-  float32 ``dw`` accumulator ``(d, V)`` (and, on XLA's CPU backend when
-  a ``(d, V)`` ``w`` is differentiated, a transposed copy of ``x`` for
-  ``dw``'s matmul); ``chunk_size=None`` picks
+  float32 ``dw`` accumulator ``(d, V)`` and ``dx`` ``(b, d)`` (and, on
+  XLA's CPU backend when a ``(d, V)`` ``w`` is differentiated, a
+  transposed copy of ``x`` for ``dw``'s matmul); ``chunk_size=None`` picks
   ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
-  batch that no chunk divides is padded (a copy of ``x``, never of ``w``).
+  batch that no chunk divides is padded (a copy of ``x``, never of ``w``),
+  a ``chunk_size`` above the batch is clamped to it, and an empty batch
+  gives 0 (``"none"``: an empty array) with zero gradients.
 
   Sharding. Under ``jit`` with the batch split over mesh axes: on
   ``Explicit`` axes each device runs the chunk loop on its own rows; on

@@ -632,8 +632,7 @@ def _to_rows(logits, labels, axis, where, ignore_index, check_labels,
   def class_layout(x):
     return jnp.transpose(x, perm).reshape(-1, num_classes)
 
-  dtype = np.asarray(labels).dtype if _checks.is_concrete(labels) else (
-      labels.dtype)
+  dtype = _checks.dtype_of(labels)
   is_int = bool(jnp.issubdtype(dtype, jnp.integer)) and dtype != np.bool_
   if not is_int and not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(

@@ -1,11 +1,11 @@
 """Benchmark the losses: time and compiled temporaries of ``value_and_grad``.
 
-    python scripts/bench.py                          # both sections
+    python scripts/bench.py                          # logits, fused, model
     python scripts/bench.py --section fused --shapes 2048x512x32000
     python scripts/bench.py --quick --out /tmp/b     # smoke test, seconds
 
-Two sections, each with a memory-traffic or FLOP *floor* that the loss
-cannot beat:
+Sections, each with a memory-traffic or FLOP *floor* that the loss cannot
+beat:
 
 ``logits`` (``BxV``): ``value_and_grad`` w.r.t. the logits ``z`` of
   ``cross_entropy`` (jax_softmax, mean), ``optax`` (
@@ -32,6 +32,13 @@ cannot beat:
   XLA's CPU backend that one runs through YNNPACK, as the fused loss's
   does, where the transposed-operand form takes a slower kernel; a second,
   stricter floor to read the ratios against.
+
+``model`` (``BxTxDxV``): logits made inside a model, ``h @ emb.T`` with
+  ``h`` of shape ``(B, T, d)`` and ``emb`` ``(V, d)``, ``value_and_grad``
+  w.r.t. ``(h, emb)`` of ``cross_entropy`` on the ``(B, T, V)`` logits as
+  they come, ``cross_entropy_flat`` (``h`` flattened to ``(B * T, d)``
+  first) and ``optax`` on the ``(B, T, V)`` logits, against the floor
+  ``matmuls`` (the three matmuls of that head).
 
 Method: for each (shape, dtype) case every implementation is compiled
 first (``jax.jit(f).lower(*args).compile()``; its ``memory_analysis()``
@@ -96,16 +103,21 @@ GIB = 2**30
 
 DEFAULT_SHAPES = {"logits": ((8192, 32000),),
                   "fused": ((2048, 512, 32000), (1024, 1024, 128000)),
+                  "model": ((8, 512, 256, 32000),),
                   "sharded": ((2048, 512, 32000),)}
 QUICK_SHAPES = {"logits": ((256, 1000),),
                 "fused": ((96, 32, 999),),
+                "model": ((2, 24, 16, 300),),
                 "sharded": ((96, 32, 1000),)}
 SCALE_SHAPE = (4096, 256, 262144)
 QUICK_SCALE_SHAPE = (256, 32, 4096)
 QUICK_RUNS = 3
-FLOORS = {"logits": "copy", "fused": "matmuls", "sharded": "one_device"}
+FLOORS = {"logits": "copy", "fused": "matmuls", "model": "matmuls",
+          "sharded": "one_device"}
 SECTIONS = tuple(FLOORS)
-ALL = ("logits", "fused")  # --section all; sharded runs on its own
+ALL = ("logits", "fused", "model")  # --section all; sharded on its own
+RANKS = {"logits": 2, "fused": 3, "model": 4, "sharded": 3}
+RANK_NAMES = {2: "BxV", 3: "BxDxV", 4: "BxTxDxV"}
 
 
 # ------------------------------------------------------------ impls
@@ -196,6 +208,37 @@ def _fused_impls() -> list[Impl]:
   return impls
 
 
+def _model_impls() -> list[Impl]:
+  """Logits made inside a model: ``h @ emb.T`` with ``h`` of shape
+  ``(B, T, d)``, differentiated w.r.t. ``h`` and ``emb``."""
+
+  def mm(a, b):  # float32 accumulation and result
+    return jnp.matmul(a, b, preferred_element_type=F32)
+
+  def ours(h, emb, y, g):  # the (B, T, V) logits as they come
+    return jax_softmax.cross_entropy(mm(h, emb.T), y)
+
+  def ours_flat(h, emb, y, g):  # h flattened to (B * T, d) first
+    return jax_softmax.cross_entropy(mm(h.reshape(-1, h.shape[-1]), emb.T),
+                                     y.reshape(-1))
+
+  def with_optax(h, emb, y, g):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        mm(h, emb.T), y).mean()
+
+  def matmuls(h, emb, y, g):  # the floor: the model's three matmuls
+    h2 = h.reshape(-1, h.shape[-1])
+    return mm(h2, emb.T), mm(g, emb), mm(g.T, h2)
+
+  def grad(f):
+    return jax.value_and_grad(f, argnums=(0, 1))
+
+  return [Impl("cross_entropy", grad(ours)),
+          Impl("cross_entropy_flat", grad(ours_flat)),
+          Impl("optax", grad(with_optax)),
+          Impl("matmuls", matmuls, loss=False)]
+
+
 def _sharded_impls() -> list[Impl]:
   """Vocabulary-parallel fused loss over all devices vs one device."""
   lce = jax_softmax.linear_cross_entropy
@@ -230,7 +273,7 @@ def _sharded_impls() -> list[Impl]:
 
 
 IMPLS = {"logits": _logits_impls, "fused": _fused_impls,
-         "sharded": _sharded_impls}
+         "model": _model_impls, "sharded": _sharded_impls}
 
 
 def all_impl_names() -> dict[str, list[str]]:
@@ -259,6 +302,11 @@ def make_args(section: str, shape: tuple[int, ...], dtype,
   if section == "logits":
     b, v = shape
     return normal((b, v), 2.0), labels(b, v)
+  if section == "model":  # (h, emb, y, g): h (B, T, d), emb (V, d)
+    b, t, d, v = shape
+    return (normal((b, t, d)), normal((v, d), 1 / math.sqrt(d)),
+            labels(b * t, v).reshape(b, t),
+            normal((b * t, v) if with_g else (1, 1), 1 / v))
   b, d, v = shape
   return (normal((b, d)), normal((d, v), 1 / math.sqrt(d)), labels(b, v),
           normal((b, v) if with_g else (1, 1), 1 / v))
@@ -521,13 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument(
       "--section", choices=(*SECTIONS, "all"), default="all",
-      help="all = logits and fused; sharded (run it on its own) compares "
+      help="all = logits, fused and model; sharded (run it on its own) "
+      "compares "
       "the vocabulary-parallel fused loss over every device (8 simulated "
       "CPU devices on a CPU host) with one device, temporaries per device")
   p.add_argument(
       "--shapes", type=_shapes, default=None,
-      help="comma list; BxV shapes go to the logits section and BxDxV to "
-      "the fused one (default: " + ", ".join(
+      help="comma list; BxV shapes go to the logits section, BxDxV to "
+      "the fused one and BxTxDxV to the model one (default: " + ", ".join(
           f"{s} " + ",".join(map(shape_str, v))
           for s, v in DEFAULT_SHAPES.items()) + ")")
   p.add_argument("--dtype", type=_dtypes, default="float32,bfloat16",
@@ -564,13 +613,13 @@ def plan(args, parser) -> dict[str, tuple[list, list[str]]]:
                    f"known: {sorted(known)}")
   out = {}
   for s in sections:
-    rank = 2 if s == "logits" else 3
+    rank = RANKS[s]
     if args.shapes is not None:
       shapes = [sh for sh in args.shapes if len(sh) == rank]
       if not shapes:
         if args.section != "all":
-          parser.error(f"--shapes has no {'BxV' if rank == 2 else 'BxDxV'} "
-                       f"shape for section {s}")
+          parser.error(f"--shapes has no {RANK_NAMES[rank]} shape for "
+                       f"section {s}")
         continue
     else:
       shapes = list((QUICK_SHAPES if args.quick else DEFAULT_SHAPES)[s])

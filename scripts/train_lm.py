@@ -356,8 +356,8 @@ def text_corpus(path: Path) -> Corpus:
       skipped += 1
       continue
     if text.strip():
-      names.append(f.relative_to(path).as_posix() if path.is_dir()
-                   else f.name)
+      # names relative to the corpus root: a moved corpus is the same one
+      names.append(f.relative_to(path).as_posix() if path.is_dir() else "")
       texts.append(text)
   if len(texts) == 1:
     lines = texts[0].splitlines(keepends=True)
@@ -660,7 +660,12 @@ def put(a, sharding):
   """A global array of host value a (the same on every process); each
   process hands over only its own devices' rows."""
   a = np.asarray(a)
-  if not sharding.spec or sharding.spec[0] is None:
+  # Spelled out to a's rank, P(None, None) rather than P(): the spec jit
+  # gives its outputs, so that a fresh, a stepped and a restored state
+  # share one compiled step (and a resumed run computes bit for bit alike).
+  spec = (*sharding.spec, *[None] * (a.ndim - len(sharding.spec)))
+  sharding = NamedSharding(sharding.mesh, P(*spec))
+  if not a.ndim or spec[0] is None:
     return jax.make_array_from_process_local_data(sharding, a, a.shape)
   spans = [index[0] for index in
            sharding.addressable_devices_indices_map(a.shape).values()]

@@ -563,16 +563,18 @@ def head_temp_bytes(head, mesh, batch, seq_len, d_model, vocab, z_loss):
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def memory_table(temps, batch, seq_len, d_model, vocab, devices):
+def memory_table(temps, batch, seq_len, d_model, vocab, n_data, n_model=1):
+  """The printed table of head_temp_bytes (temps: name -> bytes)."""
   mib = 2.0 ** 20
-  logits = batch * seq_len * vocab * 4 / devices / mib
+  logits = batch * seq_len * vocab * 4 / n_data / mib
+  where = f"mesh data={n_data}" + (f", model={n_model}" if n_model > 1
+                                   else "")
   lines = [f"head memory: temporaries of one value_and_grad at h ({batch}, "
            f"{seq_len}, {d_model}), E ({vocab}, {d_model}), float32, per "
-           f"device of {devices} (the logits alone: {logits:,.1f} MiB)"]
+           f"device ({where}); the logits alone: {logits:,.1f} MiB"]
   for name, value in temps.items():
     lines.append(f"  {name:6s} {value / mib:12,.1f} MiB")
-  if temps.get("fused"):
-    lines.append(f"  optax / fused: {temps['optax'] / temps['fused']:.1f}x")
+  lines.append(f"  optax / fused: {temps['optax'] / temps['fused']:.1f}x")
   return "\n".join(lines)
 
 
@@ -753,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
   n_model = sizes.get("model", 1)
   if n_model > 1 and not args.vocab_parallel:
     parser.error("--mesh model=M > 1 needs --vocab-parallel")
+  if args.vocab_size % n_model:
+    parser.error(f"--vocab-size {args.vocab_size} does not split over "
+                 f"model={n_model} devices")
   init_distributed(args, parser)
   devices = jax.devices()  # every process's, when multi-process
   lead = jax.process_index() == 0  # the one process that writes files
@@ -812,7 +817,7 @@ def measure_heads(args, mesh, batch, vocab):
       batch, args.seq_len, args.d_model, vocab, args.z_loss)
       for name in ("fused", "optax")}
   print(memory_table(temps, batch, args.seq_len, args.d_model, vocab,
-                     mesh.size), flush=True)
+                     mesh.shape["data"], mesh.shape["model"]), flush=True)
   return temps
 
 
@@ -845,6 +850,10 @@ def train(args, run, corpus, config, mesh, started) -> int:
     fail(f"--out {run.path}: {tok_path.name} is not the tokenizer its "
          "checkpoints were trained with; pass another --out")
   vocab = tokenizer.get_vocab_size()
+  if vocab % mesh.shape["model"]:
+    fail(f"--vocab-parallel: the vocabulary of {vocab} does not split over "
+         f"model={mesh.shape['model']} devices; pass a --vocab-size that "
+         "does (the BPE may yield fewer than asked on a small corpus)")
   train_x, train_y = to_rows(tokenizer, [corpus.texts[i] for i in train_docs],
                              seq_len)
   eval_x, eval_y = to_rows(tokenizer, [corpus.texts[i] for i in eval_docs],

@@ -387,6 +387,23 @@ def test_two_processes_match_one_process_on_as_many_devices(corpus, tmp_path,
   assert multi["sample"] == single["sample"]
 
 
+def test_vocab_parallel_head_matches_data_parallel(runs, corpus, tmp_path,
+                                                  spawn):
+  """E split on V over model=2 (axis_name inside shard_map) trains as the
+  data-parallel run on the same data=2 (4 devices in all)."""
+  out = tmp_path / "vp"
+  stdout = spawn.finish(spawn(SCRIPT, *tiny(corpus), "--vocab-parallel",
+                              "--mesh", "data=2,model=2", "--out", out,
+                              devices=4))
+  assert "mesh data=2, model=2" in stdout
+  vp, dp = metrics(out), metrics(runs["fused"][0])
+  assert vp["config"]["vocab_parallel"] == 2 and vp["devices"] == 4
+  assert {**vp["config"], "vocab_parallel": None} == dp["config"]
+  for a, b in zip(vp["history"], dp["history"], strict=True):
+    for key in a:
+      assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
 @pytest.mark.parametrize("argv", [
     ["--head", "linear"],
     ["--heads", "3"],  # does not divide --d-model 128
@@ -400,6 +417,7 @@ def test_two_processes_match_one_process_on_as_many_devices(corpus, tmp_path,
     ["--mesh", "data=1000"],
     ["--mesh", "pipe=2"],
     ["--vocab-parallel", "--head", "optax"],
+    ["--vocab-parallel", "--mesh", "data=1,model=3"],  # 8192 % 3 != 0
     ["--text", "no/such/dir"],
     ["--num-processes", "2"],
     ["--bogus"],

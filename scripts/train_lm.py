@@ -28,12 +28,15 @@ an endless stream of permutations of the training rows, permutation ``e``
 drawn from ``(seed, e)``: data order is a pure function of the seed, so no
 RNG state is checkpointed.
 
-Model: plain JAX (a dict of arrays; no framework, nothing between the
-reader and the math, and the checkpoint is the tree's leaves): token and
-learned position embeddings, ``--layers`` pre-norm blocks (RMSNorm, causal
-multi-head attention through ``jax.nn.dot_product_attention``, RMSNorm, a
-4x GELU MLP) run by ``lax.scan`` over stacked weights, a final RMSNorm, and
-the output head tied to the input embedding ``E`` of shape ``(V, d)``:
+Model: plain JAX, a dict of arrays and three functions. Why not flax: the
+model is forty lines a reader can follow to the math without a framework's
+conventions, the parameters are an ordinary pytree that optax updates and
+the checkpoint stores leaf by leaf, and the project gains no dependency.
+Token and learned position embeddings, ``--layers`` pre-norm blocks
+(RMSNorm, causal multi-head attention through
+``jax.nn.dot_product_attention``, RMSNorm, a 4x GELU MLP) run by
+``lax.scan`` over stacked weights, a final RMSNorm, and the output head
+tied to the input embedding ``E`` of shape ``(V, d)``:
 
 * ``--head fused`` (default): ``jax_softmax.linear_cross_entropy(h, E,
   targets, w_layout="vd", ignore_index=-100, z_loss=...)``: the ``(B, T,
@@ -50,22 +53,40 @@ the run's shapes and prints its temporaries
 AdamW (b2 0.95, weight decay on the matrices), gradients clipped to global
 norm 1, linear warm-up then cosine decay to a tenth of ``--lr``.
 
-Batches are sharded over a 1-D mesh axis ``"data"`` of ``AxisType.Explicit``
-(all devices, of all processes when launched multi-process with the flags
-of ``scripts/train.py``); under it ``linear_cross_entropy`` runs its chunk
-loop on each device's own rows and sums the gradients of ``E``.
-``--vocab-parallel`` adds a ``"model"`` axis over which the head's ``E`` is
-split on ``V`` (``axis_name``), inside ``jax.shard_map``.
+Devices: a mesh ``("data", "model")`` of ``AxisType.Explicit`` axes, by
+default all devices (of all processes when launched multi-process with the
+flags of ``scripts/train.py``; each process hands over only its own rows,
+``jax.make_array_from_process_local_data``) on ``"data"`` and ``model=1``.
+Batches are split over ``"data"``; under it ``linear_cross_entropy`` runs
+its chunk loop on each device's own rows and sums the gradients of ``E``.
+``--vocab-parallel`` splits the head's ``E`` on ``V`` over ``"model"``:
+``linear_cross_entropy(..., axis_name="model", batch_axis_name="data")``
+inside ``jax.shard_map``, a few per-row collectives and no all-gather.
 
-``--out`` receives ``tokenizer.json``, ``metrics.json`` (``history``: one
-entry per step, ``{"step", "train_loss", "lr", "grad_norm"}`` plus
-``"eval_loss"`` on evaluation steps; ``eval_loss``, ``vocab_size``,
-``tokens_per_second``, ``head_temp_bytes``, ``backend``, ``config``, ...),
-``curves.png`` and checkpoints. ``train_loss`` is the training objective
-of that step's batch (cross-entropy plus z-loss); ``eval_loss`` is the
-plain cross-entropy, nats per token, over the held-out rows (all of them,
-or ``--eval-batches`` batches spread evenly over them), to compare with
-``log V``, the loss of a uniform guess.
+Run directory (``--out``, ``scripts/rundir.py``): a lock (one run at a
+time), ``tokenizer.json``, ``metrics.json`` and ``curves.png`` written
+atomically after every checkpoint, and ``checkpoints/step_NNNNNNNN.npz``
+every ``--checkpoint-every`` steps (the newest ``--keep-checkpoints``
+kept): parameter and optimizer-state leaves with a checksum, the config
+(including the corpus's sha256, so a moved corpus resumes and an edited
+one is refused) and, as meta, the metrics so far and the tokenizer's
+sha256. Rerunning the same command resumes from the newest verified
+checkpoint and, since data order is a pure function of the seed and the
+compiled step is the same program, ends with exactly the metrics and
+parameters of an uninterrupted run (``tokens_per_second`` aside).
+
+``metrics.json``: ``history`` (one entry per step, ``{"step",
+"train_loss", "lr", "grad_norm"}`` plus ``"eval_loss"`` on evaluation
+steps), ``eval_loss`` (the last), ``train_loss``, ``vocab_size``,
+``log_vocab``, ``tokens_per_second``, ``head_temp_bytes`` (``{"fused",
+"optax"}``), ``backend``, ``devices``, ``config``, ``sample`` and corpus
+sizes. ``train_loss`` is the training objective on that step's batch
+(cross-entropy plus z-loss); ``eval_loss`` is the plain cross-entropy in
+nats per token over the held-out rows (all of them, or ``--eval-batches``
+batches spread evenly over them), to compare with ``log V``, the loss of
+a uniform guess. ``tokens_per_second`` counts the batch's token positions
+(padding included) over this session's steps but its first (which
+compiles).
 """
 
 from __future__ import annotations

@@ -26,25 +26,29 @@ only; nothing is ever unpickled. A trainer uses it like this::
 What it guarantees:
 
 * **One run at a time.** ``open`` (``with``) takes an exclusive
-  ``fcntl.flock`` on ``<dir>/.lock`` (on the directory itself where that
-  file cannot be created, a read-only directory). The kernel drops it when
-  the process exits, however it dies, so there is never a stale lock; a
-  second process is refused (``RunDirError`` naming the holder's pid).
-  Only under the lock does ``open`` delete the ``*.tmp`` files a killed
-  run left behind, so it never deletes another run's in-flight file.
+  ``fcntl.flock`` on ``<dir>/.lock``, which holds the holder's pid. The
+  kernel drops the lock when the process exits, however it dies, so there
+  is never a stale lock; a second process is refused (``RunDirError``
+  naming the holder's pid). Only the holder writes or deletes anything:
+  under the lock ``open`` deletes the ``*.tmp`` files a killed run left
+  behind, so it never deletes another run's in-flight file. A process that
+  cannot open the lock file for writing (a read-only directory) takes no
+  lock and is read-only (``writable`` is false).
 * **Atomic files.** ``atomic_write`` writes a temporary file in the same
   directory, fsyncs it, renames it onto its name and fsyncs the
   directory: a kill at any moment leaves the old file or the new one.
 * **Verified checkpoints.** ``save`` stores each tree's leaves as
-  ``<tree>/<i>`` arrays, with the step, the config and a JSON ``meta``
-  dict, and a SHA-256 ``fingerprint`` of all of them. ``restore`` walks
-  from the newest checkpoint down and returns the first that loads and
-  whose checksum matches; the others are listed in ``skipped`` with a
-  reason (truncated, empty, not a zip, missing array, flipped bytes), and
-  the writer renames the skipped ones newer than the restored checkpoint
-  to ``<name>.corrupt``, so that pruning never prefers them. Files not
+  ``<tree>/<i>`` arrays (any dtype, bfloat16 included, restored bit for
+  bit), with the step, the config, a JSON ``meta`` dict and a SHA-256
+  ``fingerprint`` of all of them. ``restore`` walks from the newest
+  checkpoint down and returns the first that loads and whose checksum
+  matches; the newer ones are listed in ``skipped`` with a reason
+  (truncated, empty, not a zip, missing array, flipped bytes) and renamed
+  ``<name>.corrupt`` by a writer, kept for inspection and reported once.
+  Pruning only counts checkpoints up to the step just saved. Files not
   named exactly ``<prefix>_<digits>.npz`` (``epoch_0001 (copy).npz``) are
-  ignored.
+  ignored. ``Checkpoint.trees`` holds NumPy arrays; rebuild a pytree with
+  ``jax.tree.unflatten(jax.tree.structure(template), leaves)``.
 * **Identity.** ``restore`` raises ``ConfigMismatch`` (a ``RunDirError``)
   when the verified checkpoint was written with another config, keys in
   ``free`` excepted (settings that may change between sessions, such as
@@ -83,8 +87,10 @@ __all__ = ["Checkpoint", "ConfigMismatch", "RunDir", "RunDirError",
 
 LOCK_NAME = ".lock"
 CHECKPOINTS = "checkpoints"
-_STEP, _CONFIG, _META, _CHECKSUM = ("__step__", "__config__", "__meta__",
-                                    "__checksum__")
+_UMASK = os.umask(0o022)  # read it (set and restore) once, at import
+os.umask(_UMASK)
+_STEP, _CONFIG, _META, _DTYPES, _CHECKSUM = (
+    "__step__", "__config__", "__meta__", "__dtypes__", "__checksum__")
 
 
 class RunDirError(Exception):
@@ -124,7 +130,7 @@ def fingerprint(arrays: Mapping[str, Any]) -> str:
   h = hashlib.sha256()
   for name in sorted(arrays):
     a = np.asarray(arrays[name])
-    h.update(json.dumps([name, a.dtype.str, a.shape]).encode())
+    h.update(json.dumps([name, _dtype_name(a.dtype), a.shape]).encode())
     h.update(a.tobytes(order="C"))
   return h.hexdigest()
 
@@ -142,12 +148,14 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]
                  ) -> None:
   """Writes data (bytes, or a function writing to a binary file) to path
   atomically: a temp file ``<name>.<random>.tmp`` beside it is written,
-  fsynced and renamed onto path, then the directory is fsynced. Raises
-  OSError; the temp file is removed on any failure."""
+  fsynced and renamed onto path, then the directory is fsynced. The file
+  gets the permissions ``open`` would give it (0o666 less the umask).
+  Raises OSError; the temp file is removed on any failure."""
   path = Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
                              suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_UMASK)
     with os.fdopen(fd, "wb") as f:
       if callable(data):
         data(f)
@@ -165,6 +173,22 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]
     os.fsync(dir_fd)  # make the rename itself durable
   finally:
     os.close(dir_fd)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+  """dtype.str, or the name of a dtype NumPy does not know itself (such as
+  ml_dtypes' bfloat16, whose .str is a bare '<V2')."""
+  return dtype.name if dtype.isbuiltin == 2 else dtype.str
+
+
+def _named_dtype(name: str) -> np.dtype:
+  """The dtype of a _dtype_name (importing ml_dtypes, which JAX uses, for
+  bfloat16 and float8 types)."""
+  try:
+    return np.dtype(name)
+  except TypeError:
+    import ml_dtypes  # noqa: F401  registers its dtypes' names
+    return np.dtype(name)
 
 
 def _short(value):
@@ -229,8 +253,7 @@ class RunDir:
                         ) from None
     except OSError as e:
       raise _io_error("create", self.checkpoint_dir, e) from None
-    self._lock()
-    self.unwritable = self._probe()
+    self.unwritable = self._lock()
     if self.unwritable is None:
       for d in (self.path, self.checkpoint_dir):
         for partial in d.glob("*.tmp"):  # left by a kill mid-write
@@ -250,15 +273,16 @@ class RunDir:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def _lock(self) -> None:
+  def _lock(self) -> str | None:
+    """Takes the lock; returns why this process may not write (None: it
+    may). Only a process holding the lock writes or deletes anything, so
+    one that cannot open the lock file for writing is read-only."""
     lock = self.path / LOCK_NAME
     try:
       fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # read-only: lock the directory itself
-      try:
-        fd = os.open(self.path, os.O_RDONLY)
-      except OSError as e:
-        raise _io_error("lock", self.path, e) from None
+    except OSError as e:
+      return self._probe() or (f"cannot open {lock} for writing "
+                               f"({e.strerror or _why(e)})")
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -277,6 +301,7 @@ class RunDir:
     with contextlib.suppress(OSError):  # the holder's pid, for the message
       os.ftruncate(fd, 0)
       os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return self._probe()
 
   def _probe(self) -> str | None:
     """None if files can be created in both directories, else why not."""
@@ -310,12 +335,19 @@ class RunDir:
       raise _io_error("write", path, e) from None
     return path
 
+  def holds(self, name: str, data: bytes) -> bool:
+    """Whether path/name exists and holds exactly data (so that a finished
+    run can be reported without writing)."""
+    try:
+      return (self.path / name).read_bytes() == data
+    except OSError:
+      return False
+
   def write_if_changed(self, name: str, data: bytes) -> bool:
     """Writes data to path/name unless the file already holds exactly
     that; returns whether it wrote."""
-    with contextlib.suppress(OSError):
-      if (self.path / name).read_bytes() == data:
-        return False
+    if self.holds(name, data):
+      return False
     self.write(name, data)
     return True
 
@@ -336,20 +368,26 @@ class RunDir:
            meta: Mapping[str, Any] | None = None) -> Path:
     """Writes checkpoint ``step`` atomically and prunes to ``keep``.
 
-    trees maps a name (no ``/``) to a sequence of arrays (a pytree's
-    leaves, e.g. ``jax.tree_util.tree_leaves``); meta is JSON (floats
-    round-trip exactly). Raises RunDirError if it cannot be written; the
-    checkpoints saved before stay loadable.
+    trees maps a name (no ``/``) to a sequence of numeric arrays (a
+    pytree's leaves, ``jax.tree.leaves``; device arrays are copied to the
+    host); meta is JSON (floats round-trip exactly). Raises RunDirError if
+    it cannot be written; the checkpoints saved before stay loadable.
     """
     arrays: dict[str, Any] = {
         _STEP: np.int64(step),
         _CONFIG: np.str_(json.dumps(self.config, sort_keys=True)),
-        _META: np.str_(json.dumps(dict(meta or {}), sort_keys=True))}
+        _META: np.str_(json.dumps(dict(meta or {})))}  # keys in order
     for name, leaves in trees.items():
       if "/" in name or name.startswith("__"):
         raise ValueError(f"tree name {name!r}: no '/', no leading '__'")
       for i, leaf in enumerate(leaves):
-        arrays[f"{name}/{i}"] = np.asarray(leaf)
+        arrays[f"{name}/{i}"] = a = np.asarray(leaf)
+        if a.dtype.hasobject:  # would be pickled, and never loaded
+          raise ValueError(f"{name}/{i}: an array of Python objects")
+    # .npy stores bfloat16 and the like as raw void: record their names.
+    arrays[_DTYPES] = np.str_(json.dumps(
+        {k: a.dtype.name for k, a in arrays.items()
+         if a.dtype.isbuiltin == 2}, sort_keys=True))
     arrays[_CHECKSUM] = np.str_(fingerprint(arrays))
     path = self.checkpoint_path(step)
     self.write(f"{CHECKPOINTS}/{path.name}",
@@ -364,10 +402,12 @@ class RunDir:
   def load(self, path: Path) -> Checkpoint:
     """Reads and verifies one checkpoint file; raises ValueError (or the
     reader's own error) if it is damaged."""
-    with np.load(path, allow_pickle=False) as f:
+    with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
-    if _CHECKSUM not in arrays:
+    if _CHECKSUM not in arrays or _DTYPES not in arrays:
       raise ValueError("no checksum")
+    for key, name in json.loads(str(arrays[_DTYPES])).items():
+      arrays[key] = arrays[key].view(_named_dtype(name))
     stored = str(arrays.pop(_CHECKSUM))
     if fingerprint(arrays) != stored:
       raise ValueError("checksum mismatch")
@@ -421,8 +461,8 @@ class RunDir:
   def _match(ckpt: Checkpoint, templates: Mapping[str, Sequence[Any]]
              ) -> None:
     def spec(leaves):  # no copy of device arrays to the host
-      return [(tuple(np.shape(a)),
-               np.dtype(getattr(a, "dtype", None) or np.asarray(a).dtype))
+      return [(tuple(np.shape(a)), np.dtype(
+          a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype))
               for a in leaves]
     for name, leaves in templates.items():
       if spec(ckpt.trees.get(name, [])) != spec(leaves):

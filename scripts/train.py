@@ -16,36 +16,53 @@ and one program is compiled. ``adam`` and ``sgd`` decay the learning rate
 to 0 on a cosine schedule; ``lbfgs`` works on the full training set and
 counts one iteration as an epoch.
 
-``--out`` receives ``metrics.json`` (rewritten after every epoch),
-``curves.png`` and ``checkpoints/epoch_NNNN.npz``. ``train_loss`` and
-``test_loss`` are the mean cross-entropy over the whole split after each
-epoch, without the ``--reg`` term.
+``--out`` is a run directory (``scripts/rundir.py``, which this script
+imports from its own directory): ``metrics.json`` (rewritten after every
+epoch), ``curves.png`` (redrawn after the first and last epochs and in
+between as often as keeps plotting under ~10% of the time),
+``checkpoints/epoch_NNNN.npz`` (the ``--keep-checkpoints`` newest) and
+``.lock``. ``train_loss`` and ``test_loss`` are the mean cross-entropy over
+the whole split after each epoch, without the ``--reg`` term.
 
-Checkpoint format: one ``.npz`` per epoch holding the parameter and
-optimizer-state leaves (flattened with ``jax.tree_util``, in tree order;
-the tree structure is rebuilt from a fresh ``init`` of the same model and
-optimizer), the epoch, the seed and settings, and the metric history. Why
-not orbax-checkpoint: the state is a few small arrays on one host, and npz
-needs no dependency beyond NumPy, stores each array's raw bytes (float32
-parameters and optimizer moments come back bit for bit, so a resumed run
-ends with exactly the metrics of an uninterrupted one), and fits in a single
-file, which makes it atomic: it is written to a temporary file in the same
-directory, fsynced, then ``os.replace``d onto its final name, so a kill at
-any moment, even mid-write, leaves either the previous checkpoints or the
-complete new one. Data order is a pure function of ``(seed, epoch)``, so no
-RNG state needs saving.
+Before any training, ``--data`` is validated (``load_data``): an .npz
+(never unpickled) holding finite real ``X (n, d)`` and integer labels ``y
+(n,)`` (integral floats are accepted), at most ``MAX_LABEL``, whose output
+layer fits in ``MAX_WEIGHT_BYTES``; labels with unused classes in their
+range draw a warning. The run directory is locked, and a run there is
+resumed only if it has this run's config, in which the data are known by a
+SHA-256 fingerprint of ``X`` and ``y`` (not by their path); adam and sgd
+runs cannot change ``--epochs`` (their cosine schedule spans it), lbfgs
+runs can be extended. Exit status: 0 done (or already complete), 2
+refused before training with one line on stderr (bad flags, data or run
+directory), 1 failed during training (a write failed, a full disk: the
+checkpoints written before stay loadable).
+
+Checkpoint format (``rundir.RunDir.save``): one ``.npz`` per epoch holding
+the parameter and optimizer-state leaves (flattened with ``jax.tree``, in
+tree order; the tree structure is rebuilt from a fresh ``init`` of the same
+model and optimizer), the epoch, the config, the metric history and a
+SHA-256 checksum of all of them; the newest checkpoint that verifies is
+resumed from. Why not orbax-checkpoint: the state is a few small arrays on
+one host, and npz needs no dependency beyond NumPy, stores each array's raw
+bytes (float32 parameters and optimizer moments come back bit for bit, so a
+resumed run ends with exactly the metrics of an uninterrupted one), and
+fits in a single file, which makes it atomic: it is written to a temporary
+file in the same directory, fsynced, then ``os.replace``d onto its final
+name, so a kill at any moment, even mid-write, leaves either the previous
+checkpoints or the complete new one. Data order is a pure function of
+``(seed, epoch)``, so no RNG state needs saving.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import tempfile
+import sys
 import time
+import zipfile
 from pathlib import Path
+from typing import NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +70,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from rundir import ConfigMismatch, RunDir, RunDirError, fingerprint
 from tqdm import tqdm
 
 from jax_softmax import cross_entropy, linear_softmax_loss
@@ -60,6 +78,8 @@ from jax_softmax import cross_entropy, linear_softmax_loss
 DEFAULT_LR = {"adam": 0.03, "sgd": 0.1, "lbfgs": 1.0}
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
+MAX_WEIGHT_BYTES = 1 << 30  # the (width, classes) float32 output layer
+MAX_LABEL = 2**31 - 2  # classes = max label + 1 must fit in int32
 HISTORY_KEYS = ("train_loss", "train_accuracy", "train_entropy", "test_loss",
                 "test_accuracy", "test_entropy")
 
@@ -102,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 Train a softmax classifier (linear, or one hidden layer) with optax on
 scikit-learn's digits data or your own, on whatever backend JAX finds, with
 batches sharded over the local devices. Writes metrics.json, curves.png and
-one checkpoint per epoch to --out. Rerunning the same command with the same
---out resumes a killed run, or reports a finished one as complete.""",
+a checkpoint per epoch (keeping the newest) to --out. Rerunning the same
+command with the same --out resumes a killed run from its newest intact
+checkpoint, or reports a finished one as complete. Exit status: 2 when
+refused before training (flags, data, run directory), 1 when training
+fails (a full disk).""",
       epilog="""\
 examples:
   python scripts/train.py                          # linear model, digits
@@ -146,13 +169,19 @@ examples:
       help="hidden units of --model mlp (default: %(default)s)")
   parser.add_argument(
       "--data", type=Path, default=None, metavar="FILE.npz",
-      help="train on FILE.npz, arrays X (n, d) and integer labels y (n,) "
-      "in [0, classes), split 75/25 like the default, scikit-learn's "
-      "digits (1797 8x8 images, 10 classes)")
+      help="train on FILE.npz, arrays X (n, d) (finite) and integer "
+      "labels y (n,) in [0, classes), checked before training and known "
+      "to a run by their SHA-256, not the path; split 75/25 like the "
+      "default, scikit-learn's digits (1797 8x8 images, 10 classes)")
   parser.add_argument(
       "--out", type=Path, default=None, metavar="DIR",
-      help="output directory; a run already there with the same settings "
-      "is resumed from its last checkpoint (default: runs/<timestamp>)")
+      help="run directory, locked while a run uses it; a run already "
+      "there with the same settings and data is resumed from its newest "
+      "intact checkpoint, or reported complete (default: "
+      "runs/<timestamp>)")
+  parser.add_argument(
+      "--keep-checkpoints", type=NON_NEGATIVE_INT, default=3, metavar="N",
+      help="keep the N newest checkpoints, 0 for all (default: %(default)s)")
   parser.add_argument(
       "--mesh", type=_mesh, default=None, metavar="data=N",
       help="shard each batch over the first N devices, a 1-D mesh with "
@@ -196,28 +225,146 @@ def init_distributed(args, parser) -> None:
 
 
 # ------------------------------------------------------------------ data
-def load_data(path: Path | None):
-  """Returns standardized (X_train, y_train, X_test, y_test, classes)."""
+class DataError(ValueError):
+  """--data cannot be trained on; the message is one line for a user."""
+
+
+class Data(NamedTuple):
+  """Standardized splits, the class count, the raw arrays' fingerprint and
+  an optional warning about the labels."""
+  X_train: np.ndarray
+  y_train: np.ndarray
+  X_test: np.ndarray
+  y_test: np.ndarray
+  classes: int
+  fingerprint: str
+  warning: str | None
+
+
+SAVE_HINT = "save the arrays with np.savez(FILE, X=X, y=y)"
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+  """Arrays X and y of an .npz file, read without ever unpickling.
+
+  The file must start with the zip signature (a .npy file or random bytes
+  is refused before NumPy looks at it), and an array of Python objects is
+  refused from its header. Raises DataError or OSError.
+  """
+  with open(path, "rb") as f:
+    magic = f.read(6)
+  if not magic:
+    raise DataError(f"the file is empty; {SAVE_HINT}")
+  if magic == b"\x93NUMPY":
+    raise DataError(f"a .npy file (one array), not an .npz; {SAVE_HINT}")
+  if not magic.startswith(b"PK"):
+    raise DataError(f"not an .npz file (no zip signature); {SAVE_HINT}")
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = sorted(n.removesuffix(".npy") for n in z.namelist())
+      if not {"X", "y"} <= set(names):
+        raise DataError(f"it holds arrays {names}, not X and y; {SAVE_HINT}")
+      arrays = {}
+      for key in ("X", "y"):
+        with z.open(f"{key}.npy") as m:
+          version = np.lib.format.read_magic(m)
+          header = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+          if header is not None and header(m)[2].hasobject:
+            raise DataError(f"{key} holds Python objects (a pickle), which "
+                            "train.py never loads; save numeric arrays")
+        with z.open(f"{key}.npy") as m:
+          arrays[key] = np.lib.format.read_array(m, allow_pickle=False)
+  except DataError:
+    raise
+  except Exception as e:  # zip or .npy damage of any kind
+    raise DataError(f"not a readable .npz file ({type(e).__name__}: "
+                    f"{str(e).strip()[:100]})") from None
+  return arrays
+
+
+def _where(mask: np.ndarray) -> str:
+  """'row r' (or 'row r, column c') of mask's first True."""
+  index = np.argwhere(mask)[0]
+  return ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column"),
+                                                    index, strict=False))
+
+
+def check_labels(y: np.ndarray) -> np.ndarray:
+  """y as int32 class indices; raises DataError unless y holds integers
+  (integral floats such as 1.0 too) in [0, MAX_LABEL]."""
+  if not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool
+          or np.issubdtype(y.dtype, np.floating)):
+    raise DataError(f"y must hold integer class labels, got dtype {y.dtype}")
+  if np.issubdtype(y.dtype, np.floating):
+    if (bad := ~np.isfinite(y)).any():
+      raise DataError(f"y holds a non-finite label {y[bad][0].item()} "
+                      f"({_where(bad)})")
+    if (bad := y != np.round(y)).any():
+      raise DataError(f"y holds a non-integer label {y[bad][0].item()} "
+                      f"({_where(bad)}); labels are class indices")
+  if (bad := y < 0).any():
+    raise DataError(f"y holds a negative label {int(y[bad][0])} "
+                    f"({_where(bad)}); "
+                    "labels are class indices 0, 1, ...")
+  if (bad := y > MAX_LABEL).any():
+    raise DataError(f"label {int(y[bad][0])} ({_where(bad)}) is out of "
+                    f"range: labels are class indices 0 ... {MAX_LABEL}")
+  return y.astype(np.int32)
+
+
+def load_data(path: Path | None, hidden: int | None = None) -> Data:
+  """Reads, validates, splits and standardizes ``--data`` (or digits).
+
+  hidden: the mlp's hidden width (None: linear), which sizes the output
+  layer checked against MAX_WEIGHT_BYTES. Raises DataError (or OSError)
+  naming the first problem: other keys, a file that is not an .npz,
+  shapes, non-numeric or non-finite features, labels that are not integer
+  class indices or would make the output layer too large.
+  """
   if path is None:
     from sklearn.datasets import load_digits
     X, y = load_digits(return_X_y=True)
   else:
-    with np.load(path, allow_pickle=False) as f:
-      X, y = f["X"], f["y"]
-  if X.ndim != 2 or y.shape != X.shape[:1] or len(y) < 2:
-    raise ValueError(f"need X (n, d) and y (n,) with n >= 2, got X "
-                     f"{X.shape} and y {y.shape}")
-  if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-    raise ValueError(f"y must hold integer labels >= 0, got {y.dtype} "
-                     f"with minimum {y.min()}")
+    arrays = read_npz(path)
+    X, y = arrays["X"], arrays["y"]
+  if X.ndim != 2 or y.shape != X.shape[:1] or len(y) < 2 or not X.size:
+    raise DataError(f"need X (n, d) and y (n,) with n >= 2, d >= 1, got X "
+                    f"{X.shape} and y {y.shape}")
+  if not (np.issubdtype(X.dtype, np.integer) or X.dtype == bool
+          or np.issubdtype(X.dtype, np.floating)):
+    raise DataError(f"X must hold real numbers, got dtype {X.dtype}")
+  if (bad := ~np.isfinite(X)).any():
+    count = int(bad.sum())
+    raise DataError(f"X holds {count} non-finite value{'s' * (count > 1)}, "
+                    f"the first {X[bad][0].item()} at {_where(bad)}")
+  digest = fingerprint({"X": X, "y": y})
+  labels = check_labels(y)
+  classes = int(labels.max()) + 1
+  width = X.shape[1] if hidden is None else hidden
+  if (size := 4 * width * classes) > MAX_WEIGHT_BYTES:
+    raise DataError(
+        f"label {classes - 1} ({_where(labels == classes - 1)}) makes "
+        f"{classes} classes, a ({width}, {classes}) float32 weight matrix "
+        f"of {size / 2**30:.3g} GiB (at most {MAX_WEIGHT_BYTES / 2**30:g} "
+        "GiB); labels are class indices 0 ... classes - 1")
+  present = len(np.unique(labels))
+  warning = None if present == classes else (
+      f"y takes {present} distinct values in 0 ... {classes - 1}, so "
+      f"{classes} classes are trained, {classes - present} of them without "
+      "a row; relabel with np.unique(y, return_inverse=True) if that is "
+      "not meant")
   order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
   n_test = max(1, round(TEST_FRACTION * len(y)))
   test, train = order[:n_test], order[n_test:]
-  X = X.astype(np.float32)
-  mean, std = X[train].mean(0), X[train].std(0)
-  X = (X - mean) / np.where(std > 0, std, 1)
-  y = y.astype(np.int32)
-  return X[train], y[train], X[test], y[test], int(y.max()) + 1
+  with np.errstate(all="ignore"):  # overflow: caught just below
+    X = X.astype(np.float32)
+    mean, std = X[train].mean(0), X[train].std(0)
+    X = (X - mean) / np.where(std > 0, std, 1)
+  if (bad := ~np.isfinite(X)).any():
+    raise DataError(f"X overflows float32 ({_where(bad)}); rescale it")
+  return Data(X[train], labels[train], X[test], labels[test], classes,
+              digest, warning)
 
 
 def round_up(n, multiple):
@@ -326,83 +473,41 @@ def evaluate(params, X, y, mask):
 
 
 # ----------------------------------------------------------- checkpoints
-def atomic_write(path: Path, write) -> None:
-  """Calls write(file) on a temp file, fsyncs it, renames it onto path."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  dir_fd = os.open(path.parent, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)  # make the rename itself durable
-  finally:
-    os.close(dir_fd)
+def save_checkpoint(run, epoch, params, state, history):
+  """Checkpoint ``epoch``: parameter and optimizer-state leaves, history."""
+  run.save(epoch, {"params": [to_host(a) for a in jax.tree.leaves(params)],
+                   "opt_state": [to_host(a) for a in jax.tree.leaves(state)]},
+           {"history": history})
 
 
-def save_checkpoint(ckpt_dir, epoch, params, state, config, history):
-  arrays = {"epoch": np.int64(epoch), "seed": np.int64(config["seed"]),
-            "config": np.str_(json.dumps(config, sort_keys=True))}
-  for prefix, tree in (("params", params), ("opt_state", state)):
-    for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
-      arrays[f"{prefix}/{i}"] = to_host(leaf)
-  for key in HISTORY_KEYS:
-    arrays[f"history/{key}"] = np.asarray(history[key], np.float64)
-  atomic_write(ckpt_dir / f"epoch_{epoch:04d}.npz",
-               lambda f: np.savez(f, **arrays))
+def restore_checkpoint(run, params, state):
+  """(epoch, params, state, history) of the newest verified checkpoint,
+  trees shaped as the templates params and state; None for a new run.
+  Raises RunDirError (ConfigMismatch: a run with other settings)."""
+  trees = {"params": params, "opt_state": state}
+  ckpt = run.restore({k: jax.tree.leaves(t) for k, t in trees.items()})
+  if ckpt is None:
+    return None
+  params, state = (jax.tree.unflatten(jax.tree.structure(trees[k]),
+                                      [jnp.asarray(a) for a in ckpt.trees[k]])
+                   for k in ("params", "opt_state"))
+  return ckpt.step, params, state, ckpt.meta["history"]
 
 
-def load_checkpoint(path, config, params, state):
-  """Returns (epoch, params, state, history), trees shaped as the templates.
-
-  Raises ValueError if the run was made with settings other than config.
-  """
-  with np.load(path, allow_pickle=False) as f:
-    saved = json.loads(str(f["config"]))
-    if changed := sorted(k for k in config if config[k] != saved.get(k)):
-      raise ValueError("it holds a run with other settings (" + ", ".join(
-          f"{k}: {saved.get(k)} there, {config[k]} here" for k in changed)
-          + "); pass another --out")
-
-    def restore(prefix, template):
-      leaves, treedef = jax.tree_util.tree_flatten(template)
-      return treedef.unflatten(
-          [jnp.asarray(f[f"{prefix}/{i}"], leaf.dtype)
-           for i, leaf in enumerate(leaves)])
-    history = {k: [float(v) for v in f[f"history/{k}"]]
-               for k in HISTORY_KEYS}
-    return (int(f["epoch"]), restore("params", params),
-            restore("opt_state", state), history)
-
-
-def latest_checkpoint(out: Path, clean: bool = True) -> Path | None:
-  """The newest checkpoint in out/checkpoints; deletes partial writes
-  (``clean``: the writing process only)."""
-  partials = ("checkpoints/epoch_*.tmp", "metrics.json.*.tmp",
-              "curves.png.*.tmp")
-  for pattern in partials if clean else ():
-    for partial in out.glob(pattern):  # left by a kill mid-write
-      partial.unlink()
-  paths = out.glob("checkpoints/epoch_*.npz")
-  return max(paths, key=lambda p: int(p.stem[6:]), default=None)
-
-
-def write_outputs(out, history, config, backend, final=True):
+def metrics_json(history, config, backend) -> bytes:
   last = {k: v[-1] for k, v in history.items()}
-  metrics = {**last, "epochs_completed": len(history["train_loss"]),
-             "backend": backend, "config": config, "history": history}
-  atomic_write(out / "metrics.json",
-               lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-  if final:
+  return json.dumps({**last, "epochs_completed": len(history["train_loss"]),
+                     "backend": backend, "config": config,
+                     "history": history}, indent=2).encode()
+
+
+def write_outputs(run, history, config, backend, curves=True):
+  """curves.png (if curves), then metrics.json, so that an up-to-date
+  metrics.json of a finished run means a final plot too."""
+  if curves:
     title = "{model} model, {optimizer}, {data}".format(**config)
-    atomic_write(out / "curves.png", lambda f: plot(history, title, f))
+    run.write("curves.png", lambda f: plot(history, title, f))
+  run.write("metrics.json", metrics_json(history, config, backend))
 
 
 def plot(history, title, f):
@@ -421,6 +526,27 @@ def plot(history, title, f):
 
 
 # ------------------------------------------------------------------ main
+def fail(message: str, code: int = 2) -> NoReturn:
+  """Exits with one line on stderr: code 2 refuses before training (flags,
+  data, run directory), code 1 is a failure during training."""
+  print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(code)
+
+
+def refusal(e: ConfigMismatch, optimizer: str) -> str:
+  """The message for a run directory holding other settings."""
+  message = f"{e}; pass another --out, or the settings of the run there"
+  if "epochs" in e.changed:  # only adam and sgd: "epochs" is free for lbfgs
+    there, here = e.changed["epochs"]
+    message += (
+        f". {optimizer}'s learning rate follows a cosine schedule that "
+        f"decays to 0 over the run's --epochs {there}, so the run cannot "
+        f"become a {here}-epoch run: rerun with --epochs {there} to resume "
+        f"or complete it, or train {here} epochs under another --out "
+        "(lbfgs runs, which have no schedule, can be extended)")
+  return message
+
+
 def main(argv: list[str] | None = None) -> int:
   started = time.monotonic()
   parser = build_parser()
@@ -430,66 +556,102 @@ def main(argv: list[str] | None = None) -> int:
   lead = jax.process_index() == 0  # the one process that writes files
   n_dev = len(devices) if args.mesh is None else args.mesh
   if n_dev > len(devices):
-    parser.error(f"--mesh data={n_dev}: only {len(devices)} devices")
+    parser.error(f"--mesh data={n_dev}: only {len(devices)} "
+                 f"device{'s' * (len(devices) != 1)}")
   if jax.process_count() > 1 and (args.out is None or n_dev < len(devices)):
     parser.error("a multi-process run needs --out (the same on every "
                  "process) and all devices in its mesh")
   try:
-    X_train, y_train, X_test, y_test, classes = load_data(args.data)
-  except (OSError, KeyError, ValueError) as e:
-    parser.error(f"--data {args.data}: {e}")
+    data = load_data(args.data, args.hidden if args.model == "mlp" else None)
+  except DataError as e:
+    fail(f"--data {args.data}: {e}")
+  except OSError as e:
+    fail(f"--data {args.data}: {e.strerror or e}")
+  if data.warning and lead:
+    print(f"train.py: warning: --data {args.data}: {data.warning}",
+          file=sys.stderr, flush=True)
   lbfgs = args.optimizer == "lbfgs"
-  n, d = X_train.shape
-  size = round_up(min(args.batch_size, n), n_dev)
-  steps = 1 if lbfgs else -(-n // size)  # per epoch
+  size = round_up(min(args.batch_size, len(data.y_train)), n_dev)
   config = {
       "model": args.model, "optimizer": args.optimizer,
       "lr": args.lr or DEFAULT_LR[args.optimizer], "epochs": args.epochs,
       "batch_size": None if lbfgs else size, "seed": args.seed,
       "reg": args.reg, "hidden": args.hidden if args.model == "mlp" else None,
-      "data": str(args.data or "sklearn digits"), "devices": n_dev}
+      "data": str(args.data or "sklearn digits"),
+      "data_sha256": data.fingerprint, "devices": n_dev}
+  # The data are known by their fingerprint, not their path; lbfgs has no
+  # schedule over the epochs, so its runs can be extended.
+  free = ("data", "epochs") if lbfgs else ("data",)
   out = args.out or Path("runs", time.strftime("%Y%m%d-%H%M%S"))
-  ckpt_dir = out / "checkpoints"
-  ckpt_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    with RunDir(out, config, prefix="epoch", width=4, free=free,
+                keep=args.keep_checkpoints or None, writer=lead) as run:
+      return train(args, run, data, config, started)
+  except ConfigMismatch as e:
+    fail(f"--out {out}: {refusal(e, args.optimizer)}")
+  except RunDirError as e:
+    fail(f"--out {out}: {e}")
 
+
+def train(args, run, data, config, started) -> int:
+  """Resumes (or reports complete) and trains the run in ``run``."""
+  devices, n_dev, lead = jax.devices(), config["devices"], run.writer
+  size = config["batch_size"]  # None: lbfgs, the full training split
+  lbfgs = size is None
+  n, d = data.X_train.shape
+  steps = 1 if lbfgs else -(-n // size)  # per epoch
   backend = jax.default_backend()
   mesh = Mesh(np.array(devices[:n_dev]), ("data",))
   rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   print(f"JAX backend: {backend}; devices: {devices}")
   print(f"mesh data={n_dev}, batch {'full' if lbfgs else size}; {n} train / "
-        f"{len(y_test)} test rows, {d} features, {classes} classes; "
-        f"out: {out}", flush=True)
+        f"{len(data.y_test)} test rows, {d} features, {data.classes} "
+        f"classes; out: {run.path}", flush=True)
 
   optimizer = make_optimizer(args.optimizer, config["lr"], args.epochs * steps)
-  params = init_params(args.model, args.seed, d, classes, args.hidden)
+  params = init_params(args.model, args.seed, d, data.classes, args.hidden)
   state = strong(optimizer.init(params))
   history = {k: [] for k in HISTORY_KEYS}
   start = 0
-  if (path := latest_checkpoint(out, clean=lead)) is not None:
-    try:
-      start, params, state, history = load_checkpoint(path, config, params,
-                                                      state)
-    except ValueError as e:
-      parser.error(f"--out {out}: {e}")
-    if start >= args.epochs:
-      if lead:
-        write_outputs(out, history, config, backend)
-      print(f"run in {out} is complete ({start} epochs); nothing to do")
+  restored = restore_checkpoint(run, params, state)
+  for path, why in run.skipped if lead else ():
+    print(f"skipped damaged checkpoint {path.name} ({why})"
+          + (f", renamed {path.name}.corrupt" if run.writable else ""),
+          file=sys.stderr, flush=True)
+  if restored is not None:
+    start, params, state, history = restored
+    if start > args.epochs:
+      fail(f"--out {run.path}: it holds {start} epochs, more than --epochs "
+           f"{args.epochs}; pass --epochs {start} or more, or another --out")
+    if start == args.epochs:
+      if lead and not run.holds("metrics.json",
+                                metrics_json(history, config, backend)):
+        if run.writable:
+          write_outputs(run, history, config, backend)
+        else:
+          print(f"train.py: warning: {run.unwritable}: metrics.json and "
+                "curves.png are not updated", file=sys.stderr)
+      print(f"run in {run.path} is complete ({start} epochs); nothing to do")
       return 0
-    print(f"resuming from epoch {start} ({path})", flush=True)
+  if lead:
+    run.require_writable()  # before any work
+  if restored is not None:
+    print(f"resuming from epoch {start} "
+          f"({run.checkpoint_path(start)})", flush=True)
   params, state = replicate((params, state), replicated)
 
   step = make_step(make_loss(args.reg), optimizer, lbfgs)
   # Both splits padded to one size: evaluate compiles once.
-  eval_size = round_up(max(n, len(y_test)), n_dev)
-  train_rows = put_rows(X_train, y_train, eval_size, rows)
-  test_rows = put_rows(X_test, y_test, eval_size, rows)
+  eval_size = round_up(max(n, len(data.y_test)), n_dev)
+  train_rows = put_rows(data.X_train, data.y_train, eval_size, rows)
+  test_rows = put_rows(data.X_test, data.y_test, eval_size, rows)
+  plotted, plot_s = 0.0, 0.0  # when curves.png was drawn, and in how long
   for epoch in range(start + 1, args.epochs + 1):
     if lbfgs:
       batches = [train_rows]
     else:
       order = np.random.default_rng((args.seed, epoch)).permutation(n)
-      batches = (put_rows(X_train[i], y_train[i], size, rows)
+      batches = (put_rows(data.X_train[i], data.y_train[i], size, rows)
                  for i in np.split(order, range(size, n, size)))
     with tqdm(total=steps, unit="step", disable=not lead,
               desc=f"epoch {epoch}/{args.epochs}") as bar:
@@ -505,14 +667,28 @@ def main(argv: list[str] | None = None) -> int:
       bar.set_postfix({"train_loss": f"{history['train_loss'][-1]:.4f}",
                        "test_acc": f"{history['test_accuracy'][-1]:.4f}",
                        "entropy": f"{history['test_entropy'][-1]:.3f}"})
+    # Redraw after the first and last epochs and whenever 10x the time the
+    # last drawing took has passed: fast epochs spend <= ~10% on plots.
+    redraw = (epoch in (start + 1, args.epochs)
+              or time.monotonic() - plotted >= 10 * plot_s)
     if lead:
-      save_checkpoint(ckpt_dir, epoch, params, state, config, history)
-      write_outputs(out, history, config, backend,
-                    final=epoch == args.epochs)
+      try:
+        save_checkpoint(run, epoch, params, state, history)
+        t = time.monotonic()
+        write_outputs(run, history, config, backend, curves=redraw)
+        if redraw:
+          plotted = time.monotonic()
+          plot_s = plotted - t
+      except RunDirError as e:
+        kept = run.checkpoints()
+        fail(f"{e}; " + (f"the checkpoints up to epoch {kept[-1][0]} are "
+                         "intact, rerun the same command to resume once "
+                         "there is room" if kept else "no checkpoint yet"),
+             code=1)
   print(f"test accuracy {history['test_accuracy'][-1]:.4f}, test loss "
         f"{history['test_loss'][-1]:.4f} after {args.epochs} epochs "
-        f"({time.monotonic() - started:.1f} s); wrote {out}/metrics.json, "
-        "curves.png, checkpoints/")
+        f"({time.monotonic() - started:.1f} s); wrote {run.path}/"
+        "metrics.json, curves.png, checkpoints/")
   return 0
 
 

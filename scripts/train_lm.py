@@ -908,11 +908,9 @@ def train(args, run, corpus, config, mesh, started) -> int:
       fail(f"--out {run.path}: it holds {start} steps, more than --steps "
            f"{args.steps}")
     if start == args.steps:
-      if lead and run.writable and (
-          not (run.path / "metrics.json").is_file()
-          or (run.path / "metrics.json").read_bytes()
-          != metrics_json(metrics)):
-        write_outputs(run, metrics)
+      if lead and run.writable and not run.holds("metrics.json",
+                                                 metrics_json(metrics)):
+        write_outputs(run, metrics)  # e.g. killed between the two writes
       print(f"run in {run.path} is complete ({start} steps); nothing to do")
       return 0
   if lead:

@@ -188,6 +188,17 @@ def test_fused_and_optax_heads_agree(runs):
   assert fused["eval_loss"] == pytest.approx(optax["eval_loss"], rel=1e-4)
 
 
+def test_locked_run_directory_is_refused(single_run, capsys):
+  import rundir
+
+  text, out, _ = single_run
+  with rundir.RunDir(out, {}):  # another run holds the lock
+    with pytest.raises(SystemExit) as e:
+      lm.main([*tiny(text, steps=2), "--out", str(out)])
+  assert e.value.code == 2
+  assert "holds its lock" in capsys.readouterr().err
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(runs, corpus,
                                                         tmp_path, spawn):
   """The fused run of `runs` is the uninterrupted one."""

@@ -130,6 +130,7 @@ EVAL_FRACTION = 0.1
 SINGLE_FILE_PIECES = 10
 EOS = "<|endoftext|>"
 IGNORE = -100  # target of padding: ignore_index of both heads
+DEFAULT_PROMPT = "    def __init__(self"  # of the sample, default corpus
 
 
 # ----------------------------------------------------------------- flags
@@ -236,8 +237,9 @@ examples:
                      "%(default)s)")
   train.add_argument(
       "--warmup", type=NON_NEGATIVE_INT, default=40,
-      help="steps of linear warm-up from 0 to --lr (at most a quarter of "
-      "--steps), then cosine decay to lr/10 (default: %(default)s)")
+      help="steps of linear warm-up to --lr (at most a quarter of "
+      "--steps; step s of it uses lr * s / warmup), then cosine decay to "
+      "lr/10 at the last step (default: %(default)s)")
   train.add_argument(
       "--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.1,
       help="AdamW weight decay of the weight matrices and the embedding "
@@ -268,9 +270,9 @@ examples:
       help="keep the N newest checkpoints, 0 for all (default: %(default)s)")
   out.add_argument(
       "--prompt", default=None,
-      help="start of the sample generated at the end (default: 'def ' "
-      "for the default corpus, nothing, i.e. the start of a file, for "
-      "--text)")
+      help="start of the sample generated at the end (default: four "
+      f"spaces and {DEFAULT_PROMPT.strip()!r} for the default corpus, "
+      "nothing, i.e. the start of a file, for --text)")
   out.add_argument(
       "--sample-tokens", type=NON_NEGATIVE_INT, default=60,
       help="tokens to generate after training, temperature 0.8 "
@@ -285,7 +287,8 @@ examples:
       "--mesh", type=_mesh, default=None, metavar="data=N[,model=M]",
       help="use the first N*M devices: batches sharded over N on axis "
       "'data'; with --vocab-parallel, the head's vocabulary split over M "
-      "on axis 'model' (default: all devices on 'data', model=1)")
+      "on axis 'model' (defaults: model=1, data = the device count "
+      "divided by M)")
   scale.add_argument(
       "--vocab-parallel", action="store_true",
       help="shard the output head's E over the mesh axis 'model' on V, "
@@ -925,7 +928,7 @@ def train(args, run, corpus, config, mesh, started) -> int:
     print(f"resuming from step {start} ({run.checkpoint_path(start)})",
           flush=True)
   prompt = args.prompt if args.prompt is not None else (
-      "def " if args.text is None else "")
+      DEFAULT_PROMPT if args.text is None else "")
   head = make_head(args.head, args.chunk_size, mesh, args.vocab_parallel)
   with jax.set_mesh(mesh):
     params, state = jax.tree.map(lambda a: put(a, replicated),

@@ -373,29 +373,30 @@ def test_fused_head_memory_follows_its_chunk_not_the_logits():
   assert f"optax / fused: {temps['optax'] / temps['fused']:.1f}x" in table
 
 
-def test_two_processes_match_one_process_on_as_many_devices(corpus, tmp_path,
-                                                            spawn):
-  """Two processes of 2 devices each (jax.distributed, gloo on loopback)
-  train exactly as one process with 4 devices."""
+def test_two_processes_match_one_process_on_as_many_devices(runs, corpus,
+                                                            tmp_path, spawn):
+  """Two processes of 1 device each (jax.distributed, gloo on loopback)
+  train exactly as the fused run of `runs`, one process with 2 devices."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  flags = tiny(corpus, steps=2)
-  workers = [spawn(SCRIPT, *flags, "--out", tmp_path / "multi",
+  out = tmp_path / "multi"
+  workers = [spawn(SCRIPT, *tiny(corpus), "--out", out,
                    "--coordinator-address", f"127.0.0.1:{port}",
-                   "--num-processes", "2", "--process-id", i)
+                   "--num-processes", "2", "--process-id", i, devices=1)
              for i in range(2)]
-  one = spawn(SCRIPT, *flags, "--out", tmp_path / "one", devices=4)
-  for proc in (one, *workers):
-    spawn.finish(proc)
-  multi, single = metrics(tmp_path / "multi"), metrics(tmp_path / "one")
+  stdout = [spawn.finish(w) for w in workers]
+  assert "held-out loss" in stdout[0] and "resuming" not in stdout[0]
+  multi, single = metrics(out), metrics(runs["fused"][0])
   assert multi["config"] == single["config"]
-  assert multi["config"]["devices"] == 4
+  assert multi["config"]["devices"] == 2
   for a, b in zip(multi["history"], single["history"], strict=True):
     assert a.keys() == b.keys()
     for key in a:
       assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
   assert multi["sample"] == single["sample"]
+  assert sorted(p.name for p in out.iterdir()) == [
+      ".lock", "checkpoints", "curves.png", "metrics.json", "tokenizer.json"]
 
 
 def test_vocab_parallel_head_matches_data_parallel(runs, corpus, tmp_path,

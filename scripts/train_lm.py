@@ -85,8 +85,8 @@ sizes. ``train_loss`` is the training objective on that step's batch
 nats per token over the held-out rows (all of them, or ``--eval-batches``
 batches spread evenly over them), to compare with ``log V``, the loss of
 a uniform guess. ``tokens_per_second`` counts the batch's token positions
-(padding included) over this session's steps but its first (which
-compiles).
+(padding included) over this session's training steps but its first
+(which compiles), evaluations and checkpoints aside.
 """
 
 from __future__ import annotations

@@ -373,6 +373,21 @@ def test_fused_head_memory_follows_its_chunk_not_the_logits():
   assert f"optax / fused: {temps['optax'] / temps['fused']:.1f}x" in table
 
 
+def test_memory_only_prints_the_table_and_writes_nothing(tmp_path,
+                                                        monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  assert lm.main(["--memory-only", "--vocab-size", "4096", "--d-model",
+                  "32", "--seq-len", "64", "--batch-size", "8"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert "h (8, 64, 32), E (4096, 32)" in lines[1]
+  assert "the logits alone: 8.0 MiB" in lines[1]
+  fused, optax = (float(line.split()[1].replace(",", ""))
+                  for line in lines[2:4])
+  assert lines[2].split()[0] == "fused" and lines[3].split()[0] == "optax"
+  assert optax >= 8.0 and fused > 0
+  assert not list(tmp_path.iterdir())
+
+
 def test_two_processes_match_one_process_on_as_many_devices(runs, corpus,
                                                             tmp_path, spawn):
   """Two processes of 1 device each (jax.distributed, gloo on loopback)

@@ -16,6 +16,7 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "train_lm.py"
+ROOT = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))  # train_lm.py imports rundir
 _spec = importlib.util.spec_from_file_location("train_lm", SCRIPT)
 lm = importlib.util.module_from_spec(_spec)
@@ -64,8 +65,6 @@ def tiny(corpus, *extra, steps=3):
           "--batch-size", "8", "--steps", str(steps), "--eval-every", "2",
           "--checkpoint-every", "1", "--sample-tokens", "8", *extra]
 
-
-ROOT = SCRIPTS.parent
 
 
 def env(devices=2):

@@ -41,6 +41,7 @@ from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax_softmax import _checks
@@ -80,7 +81,7 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   gradient: every result is invariant to it.
   """
   cdt = compute_dtype(x.dtype)
-  xa = (x if mask is None else jnp.where(mask, x, _NEG_INF)).astype(cdt)
+  xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
   xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
   top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
   m = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
@@ -131,6 +132,16 @@ def _inexact_dtype(*arrays: jax.Array) -> jnp.dtype:
   return jnp.dtype(jnp.float64 if dtype.itemsize == 8 else jnp.float32)
 
 
+def _asarray(x) -> jax.Array:
+  # No conversion op for an array: under debug_nans any op that passes a
+  # masked NaN through would raise, even a copy.
+  return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def _astype(x: jax.Array, dtype) -> jax.Array:
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _prepare(x, axis: Axis, where, b=None, name: str = "x"):
   """Promotes and broadcasts the arguments: ``(x, b, axes, mask)``.
 
@@ -138,21 +149,24 @@ def _prepare(x, axis: Axis, where, b=None, name: str = "x"):
   (``TypeError`` for complex inputs, ``ValueError`` for shapes that do not
   broadcast); ``where`` must broadcast to that shape.
   """
-  x = jnp.asarray(x)
+  x = _asarray(x)
   arrays = [x]
   if b is not None:
-    b = jnp.asarray(b)
+    b = _asarray(b)
     try:
       shape = jnp.broadcast_shapes(x.shape, b.shape)
     except ValueError:
       raise ValueError(f"b of shape {b.shape} does not broadcast with {name} "
                        f"of shape {x.shape}.") from None
-    x, b = jnp.broadcast_to(x, shape), jnp.broadcast_to(b, shape)
+    x, b = (v if v.shape == shape else jnp.broadcast_to(v, shape)
+            for v in (x, b))
     arrays.append(b)
   dtype = _inexact_dtype(*arrays)
-  x = _checks.as_float_array(x.astype(dtype), name)
+  # The dtype check on an empty stand-in: no op touches x (see _asarray).
+  _checks.as_float_array(np.zeros((0,), dtype), name)
+  x = _astype(x, dtype)
   if b is not None:
-    b = b.astype(dtype)
+    b = _astype(b, dtype)
   axes = _axes(axis, x.ndim)
   mask = None
   if where is not None:

@@ -300,8 +300,9 @@ def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
     Memory: the backward keeps one array of the output's shape and dtype,
     the output with such overflowed entries set to the dtype's lowest finite
     value (so the support is not read off the rounded output). This is the
-    cheapest correct residual: no mask, no copy of ``x``, no float32 copy of
-    a half-precision output (which would also overflow, at ``|x| ~ 2e38``).
+    cheapest correct residual: no mask and no copy of ``x`` (a float32 copy
+    of the output would double a half-precision residual, and still
+    overflow for bfloat16 or float32 inputs near ``+-2e38``).
 
   Examples:
     >>> import jax.numpy as jnp

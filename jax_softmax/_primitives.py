@@ -89,9 +89,8 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   if b is None:
     e = u
   else:
-    bc = b.astype(cdt)
-    e = ((bc if mask is None else jnp.where(mask, bc, 0.0))
-         * jnp.where(b != 0, u, 0.0))
+    bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
+    e = bw * jnp.where(b != 0, u, 0.0)
   return _Sums(xs, m, top == _NEG_INF, u, e,
                jnp.sum(e, axis=axes, keepdims=True))
 
@@ -212,7 +211,8 @@ def softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
 
   Args:
     x: array of any shape; integer and boolean arrays are promoted to float32
-      (float64 for 64-bit integers), as ``jax.nn.softmax`` does.
+      (float64 for 64-bit integers), as ``jax.nn`` does (which rejects
+      booleans here and computes unsigned ones in their own dtype).
     axis: int, tuple of ints (``()``: none) or None (all axes): the axes that
       sum to 1.
     where: optional boolean mask broadcastable to ``x.shape``; masked entries
@@ -284,7 +284,8 @@ def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
 
   Args:
     x: array of any shape; integer and boolean arrays are promoted to float32
-      (float64 for 64-bit integers), as ``jax.nn.log_softmax`` does.
+      (float64 for 64-bit integers), as ``jax.nn`` does (which rejects
+      booleans here and computes unsigned ones in their own dtype).
     axis: int, tuple of ints (``()``: none) or None (all axes) to normalise
       over.
     where: optional boolean mask broadcastable to ``x.shape``.

@@ -22,8 +22,9 @@ Conventions (tested):
   entries may hold anything.
 * No NaN is formed for inputs whose results are NaN-free, eagerly, under
   ``jit`` or ``disable_jit``, values and gradients: ``jax_debug_nans`` only
-  fires for results that are NaN. (``jax_debug_infs`` fires wherever a
-  ``-inf`` is masked in, or an output is infinite.)
+  fires for results that are NaN. (``jax_debug_infs`` fires wherever a mask,
+  ``b = 0`` or a ``-inf`` input puts a ``-inf`` into the computation, or a
+  result is infinite; finite unmasked inputs with finite results pass.)
 
 Differentiation. These are ``jax.custom_vjp`` functions: reverse mode
 (``grad``, ``vjp``, ``jacrev``) works, and so do second derivatives through
@@ -414,7 +415,10 @@ def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
     axis: int, tuple of ints (``()``: none) or None (all axes).
     b: optional scale factors, broadcast with ``a`` (the result takes the
       broadcast shape and the common dtype). ``b_i = 0`` drops ``a_i`` from
-      the sum even if it is ``+inf`` or NaN, as in ``jax.nn``.
+      the sum even if it is ``+inf`` or NaN, as in ``jax.nn``; the gradient
+      with respect to that ``b_i`` is then ``+inf`` or NaN, and the backward
+      pass forms it (a NaN under ``jax_debug_nans``) even if only ``d/da``
+      is used.
     keepdims: keep the reduced axes with size 1.
     return_sign: return ``(lse, sign)`` with ``lse = log|s| + m`` and ``sign``
       in ``{-1, 0, 1}`` (NaN for a NaN slice); otherwise a negative sum gives

@@ -1,34 +1,55 @@
 """softmax, log_softmax and logsumexp with hand-written gradients.
 
-All three share one stable reduction, :func:`_shifted_exp_sum`: subtract the
-per-slice maximum, exponentiate, sum. They compute in float32 (or float64) for
-low-precision inputs and return the input's dtype, like ``jax.nn``.
+All three share one stable reduction, :func:`_sums`: subtract the per-slice
+maximum ``m`` of the support, exponentiate, (scale by ``b``,) sum. They take
+``jax.nn``'s signatures and argument promotion (integer and boolean inputs
+become float32, or float64 for 64-bit integers), compute in float32 (or
+float64) for low-precision inputs and return the (promoted) input dtype.
 
 Conventions (tested):
 
-* A masked entry (``where`` False) and a ``-inf`` entry are outside the
-  support: softmax gives 0 there, log_softmax ``-inf``, and the gradient with
-  respect to them is exactly 0.
-* A slice with nothing in its support gives softmax 0, log_softmax and
-  logsumexp ``-inf``, and zero gradients (``jax.nn`` gives NaN).
-* NaN anywhere in a slice, or ``+inf``, makes that slice NaN (logsumexp of a
-  ``+inf`` slice is ``+inf``), values and gradients.
+* The support of a slice is the set of entries with ``where`` True, ``x``
+  not ``-inf`` (and, for logsumexp, ``b != 0``). Off the support, softmax
+  gives 0, log_softmax ``-inf``, and the gradient with respect to ``x`` is
+  exactly 0. The support is decided from the inputs, never from the rounded
+  output: an entry whose log_softmax overflows to ``-inf`` (float16
+  ``[4e4, -4e4]``) keeps its gradient.
+* A slice with nothing in its support (an empty class axis included) gives
+  softmax 0, log_softmax and logsumexp ``-inf`` (sign 0), and zero gradients
+  (``jax.nn`` gives NaN for a slice of ``-inf``).
+* NaN or ``+inf`` anywhere in the support of a slice makes that slice NaN,
+  values and gradients (logsumexp of a ``+inf`` slice is ``+inf``). Masked
+  entries may hold anything.
+* No NaN is formed for inputs whose results are NaN-free, eagerly, under
+  ``jit`` or ``disable_jit``, values and gradients: ``jax_debug_nans`` only
+  fires for results that are NaN. (``jax_debug_infs`` fires wherever a mask,
+  ``b = 0`` or a ``-inf`` input puts a ``-inf`` into the computation, or a
+  result is infinite; finite unmasked inputs with finite results pass.)
 
-These are ``jax.custom_vjp`` functions: reverse mode (``grad``, ``vjp``,
-``jacrev``, and grad-of-grad for Hessian-vector products) works; forward mode
-(``jvp``, ``jacfwd``, ``jax.hessian``) does not.
+Differentiation. These are ``jax.custom_vjp`` functions: reverse mode
+(``grad``, ``vjp``, ``jacrev``) works, and so do second derivatives through
+the hand-written backward, which is plain differentiable ``jax.numpy`` code:
+reverse-over-reverse (``jax.jacrev(jax.grad(f))``, grad-of-grad HVPs) and
+forward-over-reverse (``jax.hessian``, which is ``jacfwd(jacrev)``, and
+``jax.jvp(jax.grad(f), ...)`` HVPs). Only forward mode applied to the
+functions themselves (``jax.jvp(f)``, ``jax.jacfwd(f)``) raises ``TypeError``.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from jax_softmax import _checks
 
 _NEG_INF = -jnp.inf
+
+Axis = int | tuple[int, ...] | None
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -36,41 +57,121 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   return jnp.result_type(dtype, jnp.float32)
 
 
-def _shifted_exp_sum(x: jax.Array, axes: tuple[int, ...],
-                     mask: jax.Array | None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns ``(e, s, m)``: ``e = exp(x - m)`` (0 off the support), its sum
-  ``s`` over ``axes`` (kept dims) and the shift ``m``.
+# --------------------------------------------------------------------------
+# shared pieces
 
-  ``m`` is the slice maximum, or 0 when the slice has no finite maximum (all
-  masked or ``-inf``: then ``s = 0``; ``+inf``/NaN: then ``s`` is inf/NaN).
+
+class _Sums(NamedTuple):
+  """One slice reduction, in the compute dtype; kept dims have size 1."""
+
+  xs: jax.Array     # x, -inf off the entries summed (masked, b == 0)
+  m: jax.Array      # the shift: max of xs, 0 where that is not finite
+  empty: jax.Array  # bool: the support is empty (max of xs is -inf)
+  u: jax.Array      # exp(x - m) where ``where`` holds (b == 0 entries too)
+  e: jax.Array      # the summands: b * u on the support, 0 off it
+  s: jax.Array      # sum of e
+
+
+def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
+          b: jax.Array | None = None) -> _Sums:
+  """``s = sum b exp(x - m)`` over ``axes`` (see :class:`_Sums`).
+
+  Masking happens before the cast to the compute dtype and every product
+  has both factors zeroed off the sum, so masked entries (and ``b == 0``
+  entries) may hold anything without a NaN being formed. ``m`` carries no
+  gradient: every result is invariant to it.
   """
-  x = x.astype(compute_dtype(x.dtype))
-  if mask is not None:
-    x = jnp.where(mask, x, _NEG_INF)
-  m = jnp.max(x, axis=axes, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  e = jnp.exp(x - m)
-  return e, jnp.sum(e, axis=axes, keepdims=True), m
+  cdt = compute_dtype(x.dtype)
+  xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
+  xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
+  top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
+  m = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  u = jnp.exp(xa - m)
+  if b is None:
+    e = u
+  else:
+    bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
+    e = bw * jnp.where(b != 0, u, 0.0)
+  return _Sums(xs, m, top == _NEG_INF, u, e,
+               jnp.sum(e, axis=axes, keepdims=True))
 
 
-def _normalize(e, s):
-  """``e / s``: 0 where the support is empty (``s == 0``), NaN for the whole
-  slice where it holds ``+inf`` (``s == inf``) or NaN; no NaN intermediate
-  otherwise (``jax.debug_nans`` stays quiet)."""
-  ok = jnp.isfinite(s) & (s > 0)
-  p = e / jnp.where(ok, s, 1.0)
-  return jnp.where(ok, p, jnp.where(s == 0, 0.0, jnp.nan))
+def _nan_where(bad: jax.Array, v: jax.Array) -> jax.Array:
+  """``v``, NaN where ``bad`` (broadcast). Built as ``v + log(+-1)`` rather
+  than ``where(bad, nan, v)``: no NaN exists anywhere for entries that are not
+  bad, even op by op (``jax.disable_jit``) under ``jax_debug_nans``."""
+  return v + jnp.log(jnp.where(bad, -1.0, 1.0))
 
 
-def _prepare(x, axis, where, axis_default_all: bool = False):
-  x = _checks.as_float_array(x, "x")
-  axes = _checks.normalize_axes(
-      None if (axis is None and axis_default_all) else axis, x.ndim)
+def _normalize(u: jax.Array, s: jax.Array, bad: jax.Array | None = None
+               ) -> jax.Array:
+  """``u / s``; 0 where ``s == 0`` (empty support); NaN for the whole slice
+  where ``s`` is not finite (``+inf`` or NaN in it) or ``bad`` holds."""
+  ok = jnp.isfinite(s) & (s != 0)
+  q = jnp.where(ok, u / jnp.where(ok, s, 1.0), 0.0)
+  nan = ~jnp.isfinite(s)
+  return _nan_where(nan if bad is None else nan | bad, q)
+
+
+def _axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+  """``jax.nn``'s axis: an int, a tuple (possibly empty: no reduction) or
+  None (all axes, none for a scalar)."""
+  if axis is None:
+    return tuple(range(ndim))
+  if isinstance(axis, (tuple, list)) and not axis:
+    return ()
+  return _checks.normalize_axes(axis, ndim)
+
+
+def _inexact_dtype(*arrays: jax.Array) -> jnp.dtype:
+  """``jax.nn``'s promotion: the arguments' result type; booleans and
+  integers become float32 (64-bit integers float64)."""
+  dtype = jnp.result_type(*arrays)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return dtype
+  return jnp.dtype(jnp.float64 if dtype.itemsize == 8 else jnp.float32)
+
+
+def _asarray(x) -> jax.Array:
+  # No conversion op for an array: under debug_nans any op that passes a
+  # masked NaN through would raise, even a copy.
+  return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def _astype(x: jax.Array, dtype) -> jax.Array:
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _prepare(x, axis: Axis, where, b=None, name: str = "x"):
+  """Promotes and broadcasts the arguments: ``(x, b, axes, mask)``.
+
+  ``x`` and ``b`` get their common floating dtype and broadcast shape
+  (``TypeError`` for complex inputs, ``ValueError`` for shapes that do not
+  broadcast); ``where`` must broadcast to that shape.
+  """
+  x = _asarray(x)
+  arrays = [x]
+  if b is not None:
+    b = _asarray(b)
+    try:
+      shape = jnp.broadcast_shapes(x.shape, b.shape)
+    except ValueError:
+      raise ValueError(f"b of shape {b.shape} does not broadcast with {name} "
+                       f"of shape {x.shape}.") from None
+    x, b = (v if v.shape == shape else jnp.broadcast_to(v, shape)
+            for v in (x, b))
+    arrays.append(b)
+  dtype = _inexact_dtype(*arrays)
+  # The dtype check on an empty stand-in: no op touches x (see _asarray).
+  _checks.as_float_array(np.zeros((0,), dtype), name)
+  x = _astype(x, dtype)
+  if b is not None:
+    b = _astype(b, dtype)
+  axes = _axes(axis, x.ndim)
   mask = None
   if where is not None:
-    mask = _checks.broadcast_mask(_checks.as_bool_mask(where), x.shape, "x")
-  return x, axes, mask
+    mask = _checks.broadcast_mask(_checks.as_bool_mask(where), x.shape, name)
+  return x, b, axes, mask
 
 
 # --------------------------------------------------------------------------
@@ -83,8 +184,8 @@ def _softmax(x, axes, mask):
 
 
 def _softmax_fwd(x, axes, mask):
-  e, s, _ = _shifted_exp_sum(x, axes, mask)
-  y = _normalize(e, s).astype(x.dtype)
+  st = _sums(x, axes, mask)
+  y = _normalize(st.u, st.s).astype(x.dtype)
   return y, y
 
 
@@ -99,26 +200,31 @@ def _softmax_bwd(axes, y, g):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def softmax(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] = -1,
+def softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
             where: jax.typing.ArrayLike | None = None) -> jax.Array:
   r"""Softmax over ``axis``, stable, with a hand-written gradient.
 
   .. math::
-    \mathrm{softmax}(x)_i = \frac{\exp(x_i - m)}{\sum_j \exp(x_j - m)},
-    \qquad m = \max_j x_j
+    \mathrm{softmax}(x)_i = \frac{\exp(x_i - m)}{\sum_{j \in S} \exp(x_j - m)},
+    \qquad m = \max_{j \in S} x_j
 
-  with the sum over the support (``where`` True and ``x > -inf``).
+  for ``i`` in the support ``S`` (``where`` True and ``x > -inf``), 0 off it.
 
   Args:
-    x: floating array of any shape.
-    axis: int or tuple of ints: the axes that sum to 1.
+    x: array of any shape; integer and boolean arrays are promoted to float32
+      (float64 for 64-bit integers), as ``jax.nn`` does (which rejects
+      booleans here and computes unsigned ones in their own dtype).
+    axis: int, tuple of ints (``()``: none) or None (all axes): the axes that
+      sum to 1.
     where: optional boolean mask broadcastable to ``x.shape``; masked entries
-      get probability 0 and gradient 0.
+      get probability 0 and gradient 0, whatever they hold.
 
   Returns:
-    An array of ``x``'s shape and dtype. A slice with an empty support gives
-    zeros (``jax.nn.softmax`` gives NaN). NaN or ``+inf`` in a slice gives NaN
-    for that slice. The gradient keeps only the output as residual:
+    An array of ``x``'s shape and (promoted) dtype. A slice with an empty
+    support (all masked or ``-inf``, or a zero-length axis) gives zeros
+    (``jax.nn.softmax`` gives NaN for a slice of ``-inf``). NaN or ``+inf``
+    in the support of a slice gives NaN for that slice, values and
+    gradients. The gradient keeps only the output as residual:
     ``dx = y * (g - sum(g * y))``.
 
   Examples:
@@ -127,7 +233,7 @@ def softmax(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] = -1,
     >>> softmax(jnp.array([1000.0, 1000.0, -jnp.inf]))
     Array([0.5, 0.5, 0. ], dtype=float32)
   """
-  x, axes, mask = _prepare(x, axis, where)
+  x, _, axes, mask = _prepare(x, axis, where)
   return _softmax(x, axes, mask)
 
 
@@ -141,48 +247,64 @@ def _log_softmax(x, axes, mask):
 
 
 def _log_softmax_fwd(x, axes, mask):
-  xc = x.astype(compute_dtype(x.dtype))
-  if mask is not None:
-    xc = jnp.where(mask, xc, _NEG_INF)
-  _, s, m = _shifted_exp_sum(xc, axes, None)
-  # s == 0: empty support, every entry -inf. s == inf: the slice holds
-  # +inf, so all of it is NaN. (No NaN is formed on the way for s == 0.)
-  out = xc - m - jnp.log(jnp.where(s == 0, 1.0, s))
-  out = jnp.where(jnp.isinf(s), jnp.nan, out).astype(x.dtype)
-  return out, out
+  st = _sums(x, axes, mask)
+  # s == 0: empty support, every entry is -inf already.
+  out = st.xs - st.m - jnp.log(jnp.where(st.s == 0, 1.0, st.s))
+  out = _nan_where(~jnp.isfinite(st.s), out)
+  # The residual: the output, except that support entries which overflow
+  # to -inf in x's dtype hold its lowest finite value instead. exp() of
+  # either is 0, but the backward can tell them from masked entries.
+  lowest = jnp.finfo(x.dtype).min
+  res = jnp.where(st.xs > _NEG_INF, jnp.maximum(out, lowest), out)
+  return out.astype(x.dtype), res.astype(x.dtype)
 
 
-def _log_softmax_bwd(axes, out, g):
+def _log_softmax_bwd(axes, res, g):
   # d log_softmax: g - softmax * sum(g), with the sum and the result taken
-  # over the support only (out == -inf marks masked or -inf entries).
-  oc = out.astype(compute_dtype(out.dtype))
-  support = oc != _NEG_INF
-  gc = jnp.where(support, g.astype(oc.dtype), 0.0)
-  dx = gc - jnp.exp(oc) * jnp.sum(gc, axis=axes, keepdims=True)
-  return jnp.where(support, dx, 0.0).astype(out.dtype), None
+  # over the support only (res == -inf exactly off it; NaN slices stay NaN).
+  rc = res.astype(compute_dtype(res.dtype))
+  support = rc != _NEG_INF
+  gc = jnp.where(support, g.astype(rc.dtype), 0.0)
+  dx = gc - jnp.exp(rc) * jnp.sum(gc, axis=axes, keepdims=True)
+  return jnp.where(support, dx, 0.0).astype(res.dtype), None
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 
 
-def log_softmax(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] = -1,
+def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
                 where: jax.typing.ArrayLike | None = None) -> jax.Array:
   r"""Log-softmax over ``axis``, stable, with a hand-written gradient.
 
   .. math::
-    \mathrm{log\_softmax}(x)_i = (x_i - m) - \log \sum_j \exp(x_j - m)
+    \mathrm{log\_softmax}(x)_i = (x_i - m) - \log \sum_{j \in S} \exp(x_j - m)
+
+  for ``i`` in the support ``S`` (``where`` True and ``x > -inf``), ``-inf``
+  off it; :math:`\partial / \partial x = g - \mathrm{softmax}(x) \sum_S g` on
+  ``S``, 0 off it.
 
   Args:
-    x: floating array of any shape.
-    axis: int or tuple of ints to normalise over.
+    x: array of any shape; integer and boolean arrays are promoted to float32
+      (float64 for 64-bit integers), as ``jax.nn`` does (which rejects
+      booleans here and computes unsigned ones in their own dtype).
+    axis: int, tuple of ints (``()``: none) or None (all axes) to normalise
+      over.
     where: optional boolean mask broadcastable to ``x.shape``.
 
   Returns:
-    An array of ``x``'s shape and dtype: ``-inf`` on masked and ``-inf``
-    entries (their gradient is exactly 0), ``-inf`` everywhere in a slice with
-    an empty support (zero gradient), NaN in a slice holding NaN or ``+inf``.
-    The gradient keeps only the output as residual:
-    ``dx = g - exp(out) * sum(g)`` over the support.
+    An array of ``x``'s shape and (promoted) dtype: ``-inf`` on masked and
+    ``-inf`` entries (their gradient is exactly 0), ``-inf`` everywhere in a
+    slice with an empty support (zero gradient), NaN in a slice whose support
+    holds NaN or ``+inf``. An entry of the support whose value overflows to
+    ``-inf`` (float16 ``[4e4, -4e4]``) keeps its gradient ``g_i`` (its
+    probability underflows to 0).
+
+    Memory: the backward keeps one array of the output's shape and dtype,
+    the output with such overflowed entries set to the dtype's lowest finite
+    value (so the support is not read off the rounded output). This is the
+    cheapest correct residual: no mask and no copy of ``x`` (a float32 copy
+    of the output would double a half-precision residual, and still
+    overflow for bfloat16 or float32 inputs near ``+-2e38``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -190,7 +312,7 @@ def log_softmax(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] = -1,
     >>> log_softmax(jnp.array([0.0, -1e4]))
     Array([     0., -10000.], dtype=float32)
   """
-  x, axes, mask = _prepare(x, axis, where)
+  x, _, axes, mask = _prepare(x, axis, where)
   return _log_softmax(x, axes, mask)
 
 
@@ -198,55 +320,129 @@ def log_softmax(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] = -1,
 # logsumexp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _logsumexp(x, axes, keepdims, mask):
-  return _logsumexp_fwd(x, axes, keepdims, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _logsumexp(x, b, mask, axes, keepdims, return_sign):
+  return _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign)[0]
 
 
-def _logsumexp_fwd(x, axes, keepdims, mask):
-  e, s, m = _shifted_exp_sum(x, axes, mask)
-  lse = jnp.log(s) + m
-  p = _normalize(e, s).astype(x.dtype)
-  if not keepdims:
-    lse = jnp.squeeze(lse, axis=axes)
-  return lse.astype(x.dtype), p
+def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
+  st = _sums(x, axes, mask, b)
+  s = st.s
+  # Without return_sign a negative sum gives log(s) = NaN, as jax.nn.
+  lse = st.m + jnp.log(jnp.abs(s) if return_sign else s)
+  # Gradients: NaN where the sum cancels to exactly 0 on a non-empty
+  # support (a pole of log|s|) or is negative without return_sign.
+  bad = (s == 0) & ~st.empty
+  if not return_sign:
+    bad = bad | (s < 0)
+  p = _normalize(st.e, s, bad)                              # d lse / d x
+  q = None if b is None else _normalize(st.u, s, bad)       # d lse / d b
+  outs = (lse, jnp.sign(s)) if return_sign else (lse,)
+  outs = tuple((o if keepdims else jnp.squeeze(o, axis=axes)).astype(x.dtype)
+               for o in outs)
+  res = (p.astype(x.dtype), None if q is None else q.astype(x.dtype))
+  return (outs if return_sign else outs[0]), res
 
 
-def _logsumexp_bwd(axes, keepdims, p, g):
+def _logsumexp_bwd(axes, keepdims, return_sign, res, g):
+  if return_sign:
+    g = g[0]   # the sign is piecewise constant: no gradient
   if not keepdims:
     g = jnp.expand_dims(g, axes)
-  pc = p.astype(compute_dtype(p.dtype))
-  return (pc * g.astype(pc.dtype)).astype(p.dtype), None
+  gc = g.astype(compute_dtype(g.dtype))
+
+  def times_g(r):
+    return None if r is None else (r.astype(gc.dtype) * gc).astype(r.dtype)
+
+  p, q = res
+  return times_g(p), times_g(q), None
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
 
 
-def logsumexp(x: jax.typing.ArrayLike,
-              axis: int | tuple[int, ...] | None = None,
-              keepdims: bool = False,
-              where: jax.typing.ArrayLike | None = None) -> jax.Array:
-  r"""Stable :math:`\log \sum_i \exp(x_i)` over ``axis`` (all axes if None).
+@overload
+def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
+              b: jax.typing.ArrayLike | None = None, keepdims: bool = False,
+              return_sign: Literal[False] = False,
+              where: jax.typing.ArrayLike | None = None) -> jax.Array: ...
+
+
+@overload
+def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
+              b: jax.typing.ArrayLike | None = None, keepdims: bool = False,
+              *, return_sign: Literal[True],
+              where: jax.typing.ArrayLike | None = None
+              ) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
+              b: jax.typing.ArrayLike | None = None, keepdims: bool = False,
+              return_sign: bool = False,
+              where: jax.typing.ArrayLike | None = None
+              ) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
+              b: jax.typing.ArrayLike | None = None, keepdims: bool = False,
+              return_sign: bool = False,
+              where: jax.typing.ArrayLike | None = None
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""Stable :math:`\log |\sum_i b_i \exp(a_i)|` over ``axis``, with a
+  hand-written gradient for ``a`` and ``b``; ``jax.nn.logsumexp``'s signature.
 
   .. math::
-    \mathrm{lse}(x) = m + \log \sum_i \exp(x_i - m), \qquad m = \max_i x_i
+    \mathrm{lse} = m + \log |s|, \qquad s = \sum_{i \in S} b_i \exp(a_i - m),
+    \qquad m = \max_{i \in S} a_i
+
+  over the support ``S`` (``where`` True, ``b_i != 0``, ``a_i > -inf``).
+  Gradients, with :math:`\sigma = \mathrm{sign}(s)`:
+
+  .. math::
+    \frac{\partial\,\mathrm{lse}}{\partial a_i} = \frac{b_i e^{a_i - m}}{s},
+    \qquad
+    \frac{\partial\,\mathrm{lse}}{\partial b_i} = \frac{e^{a_i - m}}{s}
+    = \sigma\, e^{a_i - \mathrm{lse}}
+
+  The ``b`` gradient is the true derivative at ``b_i = 0`` too (``jax.nn``
+  gives 0 there, jax-ml/jax#22398); it is 0 only where ``where`` is False
+  or ``a_i = -inf``.
 
   Args:
-    x: floating array of any shape.
-    axis: int, tuple of ints, or None (all axes), as ``jax.nn.logsumexp``.
+    a: array of any shape; integer and boolean arrays are promoted with ``b``
+      as ``jax.nn.logsumexp`` does.
+    axis: int, tuple of ints (``()``: none) or None (all axes).
+    b: optional scale factors, broadcast with ``a`` (the result takes the
+      broadcast shape and the common dtype). ``b_i = 0`` drops ``a_i`` from
+      the sum even if it is ``+inf`` or NaN, as in ``jax.nn``; the gradient
+      with respect to that ``b_i`` is then ``+inf`` or NaN, and the backward
+      pass forms it (a NaN under ``jax_debug_nans``) even if only ``d/da``
+      is used.
     keepdims: keep the reduced axes with size 1.
-    where: optional boolean mask broadcastable to ``x.shape``.
+    return_sign: return ``(lse, sign)`` with ``lse = log|s| + m`` and ``sign``
+      in ``{-1, 0, 1}`` (NaN for a NaN slice); otherwise a negative sum gives
+      NaN (and NaN gradients).
+    where: optional boolean mask broadcastable to the broadcast shape.
 
   Returns:
-    ``x.dtype`` array: ``-inf`` for a slice with an empty support (zero
-    gradient), ``+inf`` if the slice holds ``+inf`` (NaN gradient), NaN if it
-    holds NaN. The gradient is ``g * softmax(x)``.
+    ``lse`` (or ``(lse, sign)``), of the promoted dtype: ``-inf`` with sign
+    0 and zero gradients for an empty support (an empty axis, or all
+    masked, ``-inf`` or ``b = 0``); ``-inf`` with sign 0 and NaN gradients
+    where ``s`` cancels to exactly 0; ``+inf`` (sign ``+-1``) with NaN
+    gradients if the support holds ``+inf`` (NaN without ``return_sign`` if
+    the sum is ``-inf``); NaN if it holds NaN. The backward keeps
+    ``d lse / d a`` (and ``d lse / d b`` when ``b`` is given), each of the
+    broadcast shape.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jax_softmax import logsumexp
     >>> logsumexp(jnp.array([1000.0, 1000.0]))
     Array(1000.6932, dtype=float32)
+    >>> logsumexp(jnp.array([0.0, 0.0]), b=jnp.array([1.0, -3.0]),
+    ...           return_sign=True)
+    (Array(0.6931472, dtype=float32), Array(-1., dtype=float32))
   """
-  x, axes, mask = _prepare(x, axis, where, axis_default_all=True)
-  return _logsumexp(x, axes, bool(keepdims), mask)
+  x, bb, axes, mask = _prepare(a, axis, where, b, name="a")
+  return _logsumexp(x, bb, mask, axes, bool(keepdims), bool(return_sign))

@@ -49,30 +49,44 @@ def _mask(where, shape) -> np.ndarray:
 
 # --------------------------------------------------------------------------
 # primitives
+#
+# ``b`` (logsumexp's scale factors) joins the mask: an entry is summed when
+# ``where`` holds and ``b != 0`` (``jax.nn``), and is in the support when its
+# ``x`` is not ``-inf`` either. Without ``b``, ``b = 1``.
 
 
-def _slice_stats(x, axes, where):
-  """Returns support, poisoned slices (NaN/+inf), shift m, e and sum s."""
+def _slice_stats(x, axes, where, b=None):
+  """Returns support, poisoned slices (NaN/+inf), shift m, ``u = exp(x - m)``
+  on the mask, the summands ``e = b u`` on the support and their sum s."""
   mask = _mask(where, x.shape)
+  bb = np.ones(x.shape) if b is None else np.broadcast_to(_f64(b), x.shape)
   with np.errstate(all="ignore"):
-    poison = np.any(mask & (np.isnan(x) | (x == np.inf)), axis=axes,
-                    keepdims=True)
-    sup = mask & (x > -np.inf)  # NaN > -inf is False
-    xs = np.where(sup, x, -np.inf)
-    m = np.max(xs, axis=axes, keepdims=True)
+    summed = mask & (bb != 0)
+    poison = np.any(summed & (np.isnan(x) | (x == np.inf) | ~np.isfinite(bb)),
+                    axis=axes, keepdims=True)
+    sup = summed & (x > -np.inf)  # NaN > -inf is False
+    m = np.max(np.where(sup, x, -np.inf), axis=axes, keepdims=True,
+               initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(sup, np.exp(xs - m), 0.0)
+    u = np.where(mask & (x > -np.inf), np.exp(x - m), 0.0)
+    u = np.where(mask & np.isnan(x), np.nan, u)
+    e = np.where(sup, bb * u, 0.0)
     s = np.sum(e, axis=axes, keepdims=True)
-  return sup, poison, m, e, s
+  return sup, poison, m, u, e, s
+
+
+def _ratio(v, s, nan):
+  """``v / s``: 0 where ``s == 0``, NaN where ``nan`` (per slice)."""
+  with np.errstate(all="ignore"):
+    r = np.where(s != 0, v / np.where(s != 0, s, 1.0), 0.0)
+  return np.where(nan, np.nan, r)
 
 
 def softmax(x, axis: Axis = -1, where=None) -> np.ndarray:
   x = _f64(x)
   axes = normalize_axes(axis, x.ndim)
-  _, poison, _, e, s = _slice_stats(x, axes, where)
-  with np.errstate(all="ignore"):
-    y = np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)
-  return np.where(poison, np.nan, y)
+  _, poison, _, _, e, s = _slice_stats(x, axes, where)
+  return _ratio(e, s, poison)
 
 
 def softmax_vjp(x, g, axis: Axis = -1, where=None) -> np.ndarray:
@@ -86,7 +100,7 @@ def softmax_vjp(x, g, axis: Axis = -1, where=None) -> np.ndarray:
 def log_softmax(x, axis: Axis = -1, where=None) -> np.ndarray:
   x = _f64(x)
   axes = normalize_axes(axis, x.ndim)
-  sup, poison, m, _, s = _slice_stats(x, axes, where)
+  sup, poison, m, _, _, s = _slice_stats(x, axes, where)
   with np.errstate(all="ignore"):
     out = np.where(sup, x - m - np.log(s), -np.inf)
   return np.where(poison, np.nan, out)
@@ -96,36 +110,103 @@ def log_softmax_vjp(x, g, axis: Axis = -1, where=None) -> np.ndarray:
   """``g - softmax * sum(g)`` with the sum over the support, 0 off it."""
   x, g = _f64(x), _f64(g)
   axes = normalize_axes(axis, x.ndim)
-  sup, poison, _, _, _ = _slice_stats(x, axes, where)
+  sup, poison, _, _, _, _ = _slice_stats(x, axes, where)
   y = softmax(x, axis, where)
   gs = np.where(sup, g, 0.0)
   dx = np.where(sup, gs - y * np.sum(gs, axis=axes, keepdims=True), 0.0)
   return np.where(poison, np.nan, dx)
 
 
-def logsumexp(x, axis: Axis = None, keepdims: bool = False,
-              where=None) -> np.ndarray:
-  x = _f64(x)
+def _squeeze(v, axes, keepdims):
+  return v if keepdims else np.squeeze(v, axis=axes)
+
+
+def _broadcast_b(x, b):
+  """``x`` and ``b`` broadcast together (``b`` may be None)."""
+  if b is None:
+    return x, None
+  shape = np.broadcast_shapes(x.shape, np.shape(b))
+  return np.broadcast_to(x, shape), np.broadcast_to(_f64(b), shape)
+
+
+def logsumexp(x, axis: Axis = None, keepdims: bool = False, where=None, *,
+              b=None, return_sign: bool = False):
+  """``m + log|s|`` (``(lse, sign)`` with ``return_sign``); without
+  ``return_sign`` a negative ``s`` gives NaN. NaN in the support gives NaN,
+  ``+-inf`` terms give ``+inf`` (sign of the infinite terms)."""
+  x, b = _broadcast_b(_f64(x), b)
   axes = normalize_axes(axis, x.ndim)
   mask = _mask(where, x.shape)
-  sup, poison, m, _, s = _slice_stats(x, axes, where)
+  summed = mask if b is None else mask & (b != 0)
+  _, _, m, _, _, s = _slice_stats(x, axes, where, b)
   with np.errstate(all="ignore"):
-    lse = m + np.log(s)
-    has_nan = np.any(mask & np.isnan(x), axis=axes, keepdims=True)
-    lse = np.where(poison, np.where(has_nan, np.nan, np.inf), lse)
-  if not keepdims:
-    lse = np.squeeze(lse, axis=axes)
-  return lse
+    has_nan = np.any(summed & np.isnan(x), axis=axes, keepdims=True)
+    s = np.where(has_nan, np.nan, s)
+    lse = m + np.log(np.abs(s) if return_sign else s)
+    sign = np.sign(s)
+  if return_sign:
+    return _squeeze(lse, axes, keepdims), _squeeze(sign, axes, keepdims)
+  return _squeeze(lse, axes, keepdims)
 
 
-def logsumexp_vjp(x, g, axis: Axis = None, keepdims: bool = False,
-                  where=None) -> np.ndarray:
-  """``g * softmax(x)`` (NaN on poisoned slices)."""
-  x, g = _f64(x), _f64(g)
+def _logsumexp_grads(x, g, axis, keepdims, where, b, return_sign):
+  """``(d/dx, d/db)`` of ``<g, lse>``: ``g b u / s`` and ``g u / s``.
+
+  Zero for an empty support; NaN for a poisoned slice, for a sum that
+  cancels to exactly 0 on a non-empty support, and (without
+  ``return_sign``) for a negative sum.
+  """
+  x, b = _broadcast_b(_f64(x), b)
+  g = _f64(g)
   axes = normalize_axes(axis, x.ndim)
   if not keepdims:
     g = np.expand_dims(g, axes)
-  return g * softmax(x, axes, where)
+  sup, poison, _, u, e, s = _slice_stats(x, axes, where, b)
+  nonempty = np.any(sup, axis=axes, keepdims=True)
+  nan = poison | ((s == 0) & nonempty)
+  if not return_sign:
+    nan = nan | (s < 0)
+  with np.errstate(all="ignore"):
+    return g * _ratio(e, s, nan), g * _ratio(u, s, nan)
+
+
+def logsumexp_vjp(x, g, axis: Axis = None, keepdims: bool = False,
+                  where=None, *, b=None, return_sign=False) -> np.ndarray:
+  """``g * softmax(x)`` without ``b`` (NaN on poisoned slices)."""
+  return _logsumexp_grads(x, g, axis, keepdims, where, b, return_sign)[0]
+
+
+def logsumexp_vjp_b(x, g, axis: Axis = None, keepdims: bool = False,
+                    where=None, *, b, return_sign=False) -> np.ndarray:
+  """``d <g, lse> / db = g exp(x - m) / s`` where ``where`` holds, ``b = 0``
+  included (the true derivative), of the broadcast shape."""
+  return _logsumexp_grads(x, g, axis, keepdims, where, b, return_sign)[1]
+
+
+def hessian(name, x, c, where=None) -> np.ndarray:
+  """The Hessian of ``<c, f(x)>`` for a 2-D ``x`` normalised over its last
+  axis, shape ``x.shape * 2`` (log_softmax: ``c`` counts on the support
+  only, the objective being ``sum(where(support, c * out, 0))``).
+
+  With ``y = softmax(x)`` per row and ``J = diag(y) - y y^T``:
+  logsumexp ``c J``; log_softmax ``-(sum c) J``; softmax
+  ``H_ik = J_ik (c_i - <c, y>) - y_i y_k (c_k - <c, y>)``.
+  """
+  x, c = _f64(x), _f64(c)
+  n, k = x.shape
+  y = softmax(x, -1, where)
+  sup = _mask(where, x.shape) & (x > -np.inf)
+  h = np.zeros((n, k, n, k))
+  for r in range(n):
+    jac = np.diag(y[r]) - np.outer(y[r], y[r])
+    if name == "logsumexp":
+      h[r, :, r, :] = c[r] * jac
+    elif name == "log_softmax":
+      h[r, :, r, :] = -np.sum(np.where(sup[r], c[r], 0.0)) * jac
+    else:
+      d = c[r] - np.dot(c[r], y[r])
+      h[r, :, r, :] = jac * d[:, None] - np.outer(y[r], y[r] * d)
+  return h
 
 
 # --------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """softmax, log_softmax, logsumexp: values, gradients, special values."""
 
+import functools
+import inspect
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -382,7 +386,10 @@ def test_masked_cases_under_debug_nans_in_jit(name):
 @pytest.mark.parametrize("name", ("softmax", "log_softmax"))
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16))
 @pytest.mark.parametrize("masked", (False, True))
-def test_only_output_is_saved(name, dtype, masked):
+def test_one_output_sized_residual(name, dtype, masked):
+  """The backward keeps one array of the output's shape and dtype (the output
+  itself for softmax; for log_softmax the output with overflowed entries at
+  the lowest finite value), never the mask nor a float32 copy."""
   x = jnp.asarray(data((3, 5)), dtype)
   where = nonempty_mask((3, 5), -1) if masked else None
   res = saved_residuals(lambda x: LIB[name](x, where=where), x)
@@ -413,8 +420,8 @@ def test_float32_precision_near_1000(name, center):
 @pytest.mark.parametrize("name", NAMES)
 def test_errors_say_expected_and_got(name):
   fn = LIB[name]
-  with pytest.raises(TypeError, match="floating.*int32"):
-    fn(jnp.arange(3))
+  with pytest.raises(TypeError, match="floating.*complex64"):
+    fn(jnp.ones(3, jnp.complex64))
   with pytest.raises(ValueError, match="out of range.*rank 2"):
     fn(jnp.ones((2, 3)), axis=2)
   with pytest.raises(ValueError, match="repeats"):
@@ -426,50 +433,494 @@ def test_errors_say_expected_and_got(name):
 
 
 # --------------------------------------------------------------------------
+# the support comes from the inputs, not from the rounded output
+
+
+@pytest.mark.parametrize("dtype,big", [(jnp.float16, 4e4),
+                                       (jnp.bfloat16, 3e38),
+                                       (jnp.float32, 3e38)])
+@pytest.mark.parametrize("jit", (False, True))
+def test_log_softmax_overflowed_entry_keeps_its_gradient(dtype, big, jit):
+  """``out[1] = -2 big`` overflows to ``-inf`` but is in the support: its
+  gradient is ``g_1`` (its probability is 0); the masked entry and the
+  ``-inf`` entry keep gradient 0."""
+  x = jnp.array([big, -big, 1.0, -jnp.inf], dtype)
+  where = np.array([True, True, False, True])
+  g = np.array([0.5, 2.0, 3.0, 4.0], np.float32)
+  out, dx = vjp_of("log_softmax", x, jnp.asarray(g, dtype), -1, where,
+                   jit=jit)
+  chex.assert_type([out, dx], dtype)
+  np.testing.assert_array_equal(out.astype(np.float64),
+                                [0.0, -np.inf, -np.inf, -np.inf])
+  np.testing.assert_array_equal(dx.astype(np.float64), [-2.0, 2.0, 0.0, 0.0])
+  # jax.nn agrees on the unmasked pair: d out[1] / dx = [-1, 1].
+  for i in range(2):
+    ours, theirs = (jax.grad(lambda x, f=f, i=i: f(x)[i].astype(jnp.float32))(
+        x[:2]) for f in (js.log_softmax, jax.nn.log_softmax))
+    np.testing.assert_array_equal(np.asarray(ours, np.float64),
+                                  np.asarray(theirs, np.float64))
+
+
+# --------------------------------------------------------------------------
+# empty class axes
+
+
+EMPTY = [((0,), -1), ((3, 0), -1), ((2, 0, 3), 1), ((2, 0, 3), (0, 1)),
+         ((0, 4), None)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape,axis", EMPTY)
+def test_empty_class_axis(name, shape, axis):
+  """Empty in, empty out; logsumexp of an empty slice is ``-inf`` (sign 0);
+  the gradients are zeros of the input's shape."""
+  x = np.zeros(shape, np.float32)
+  expected = REF[name][0](x, axis)
+  g = np.ones(expected.shape, np.float32)
+  for jit in (False, True) if len(shape) < 3 else (True,):
+    out, dx = vjp_of(name, x, g, axis, jit=jit)
+    chex.assert_shape([out, dx], [expected.shape, shape])
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(dx, 0.0)
+  if name == "logsumexp":
+    (lse, sign), vjp = jax.vjp(
+        lambda a, b: js.logsumexp(a, axis, b, return_sign=True),
+        jnp.asarray(x), jnp.ones(shape))
+    np.testing.assert_array_equal(lse, expected)
+    np.testing.assert_array_equal(sign, 0.0)
+    da, db = vjp((jnp.asarray(g), jnp.asarray(g)))
+    chex.assert_shape([da, db], [shape, shape])
+
+
+# --------------------------------------------------------------------------
+# jax_debug_nans / jax_debug_infs
+
+
+# Valid inputs whose results hold no NaN: a -inf entry, masked NaN and +inf,
+# an all-masked row, an all -inf row; for logsumexp also b = 0 on an
+# unmasked +inf and NaN scale factors on masked entries.
+DEBUG_X = np.array([[0.5, -np.inf, 1.0, np.nan],
+                    [np.inf, 2.0, 3.0, 4.0],
+                    [1.0, 2.0, 3.0, 4.0],
+                    [-np.inf] * 4,
+                    [2.0, np.inf, 1.0, 0.0]], np.float32)
+DEBUG_MASK = np.array([[True, True, True, False], [False, True, True, True],
+                       [False] * 4, [True] * 4, [True] * 4])
+DEBUG_B = np.array([[1.0, 2.0, 0.0, np.nan], [np.nan, 1.0, 0.0, 2.0],
+                    [1.0] * 4, [1.0] * 4, [1.0, 0.0, 0.5, 2.0]], np.float32)
+DEBUG_MODES = ("eager", "jit", "disable_jit")
+
+
+def _values_and_grads(fn, args, mode):
+  """``fn``'s outputs and its vjp at all-ones cotangents under ``mode``."""
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(jax.tree.map(jnp.ones_like, out))
+
+  if mode == "jit":
+    return jax.block_until_ready(jax.jit(run)(*args))
+  if mode == "disable_jit":
+    with jax.disable_jit():
+      return jax.block_until_ready(run(*args))
+  return jax.block_until_ready(run(*args))
+
+
+def _debug_cases(name):
+  """``(fn, args, expected value, expected gradients)`` on DEBUG_X."""
+  x, w = DEBUG_X, DEBUG_MASK
+  if name != "logsumexp":
+    rows = [0, 2, 3]                  # rows 1 and 4 hold an unmasked +inf
+    x, w = x[rows], w[rows]
+    g = np.ones(x.shape)
+    return [(functools.partial(LIB[name], axis=-1, where=w), (x,),
+             REF[name][0](x, -1, where=w), (REF[name][1](x, g, -1, where=w),))]
+  g = np.ones(len(x))
+  cases = []
+  for b in (DEBUG_B, -DEBUG_B):
+    kw = {"where": w, "b": b, "return_sign": True}
+    def fn(x, b, w=w):
+      return js.logsumexp(x, -1, b, return_sign=True, where=w)
+
+    cases.append((fn, (x, b), ref.logsumexp(x, -1, **kw),
+                  (ref.logsumexp_vjp(x, g, -1, **kw),
+                   ref.logsumexp_vjp_b(x, g, -1, **kw))))
+  return cases
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", DEBUG_MODES)
+def test_debug_nans_quiet_on_valid_inputs(name, mode):
+  for fn, args, expected, dexpected in _debug_cases(name):
+    args = tuple(jnp.asarray(a) for a in args)
+    with jax.debug_nans(True):
+      out, grads = _values_and_grads(fn, args, mode)
+    chex.assert_trees_all_close(out, expected, rtol=1e-6)
+    for d, de in zip(grads, dexpected, strict=True):
+      assert_close(d, de, jnp.float32)
+    for leaf in jax.tree.leaves((out, grads)):
+      assert not np.any(np.isnan(np.asarray(leaf))), (out, grads)
+  # The flag is live: a NaN in the support does raise.
+  with jax.debug_nans(True), pytest.raises(FloatingPointError):
+    _values_and_grads(lambda x: LIB[name](x, axis=-1),
+                      (jnp.array([1.0, np.nan]),), mode)
+
+
+def test_debug_nans_by_config_update_eager():
+  """The issue's reproducer: eager softmax / logsumexp of ``[1, 2]``."""
+  x = jnp.array([1.0, 2.0])
+  jax.config.update("jax_debug_nans", True)
+  try:
+    y = js.softmax(x)
+    lse = js.logsumexp(x)
+    dx = jax.grad(js.logsumexp)(x)
+  finally:
+    jax.config.update("jax_debug_nans", False)
+  assert_close(y, ref.softmax(x), jnp.float32)
+  assert_close(lse, ref.logsumexp(x), jnp.float32)
+  assert_close(dx, ref.softmax(x), jnp.float32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", ("eager", "jit"))
+def test_debug_infs_quiet_on_finite_results(name, mode):
+  """Finite inputs (no mask, nonzero b) with finite results form no inf."""
+  x = data((2, 3))
+  b = np.array([1.0, -2.0, 0.5], np.float32)
+  fn = ((lambda x: LIB[name](x, axis=-1)) if name != "logsumexp" else
+        (lambda x: js.logsumexp(x, -1, b, return_sign=True)))
+  with jax.debug_infs(True):
+    out, (dx,) = _values_and_grads(fn, (jnp.asarray(x),), mode)
+  if name == "logsumexp":
+    expected = ref.logsumexp(x, -1, b=b, return_sign=True)
+    dexpected = ref.logsumexp_vjp(x, np.ones(2), -1, b=b, return_sign=True)
+  else:
+    expected, dexpected = (REF[name][0](x, -1),
+                           REF[name][1](x, np.ones(x.shape), -1))
+  chex.assert_trees_all_close(out, expected, rtol=1e-5)
+  assert_close(dx, dexpected, jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# jax.nn's signatures, promotion, b and return_sign
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_is_jax_nns(name):
+  def params(fn):
+    return [(p.name, p.kind, p.default)
+            for p in inspect.signature(fn).parameters.values()]
+
+  assert params(LIB[name]) == params(getattr(jax.nn, name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", (jnp.int8, jnp.uint8, jnp.int32,
+                                   jnp.bool_))
+def test_integer_and_bool_inputs_promote_like_jax_nn(name, dtype):
+  x = np.array([[1, 0, 3], [2, 2, 0]])
+  xi = jnp.asarray(x, dtype)
+  out, vjp = jax.vjp(lambda x: LIB[name](x, axis=-1),
+                     xi.astype(jnp.float32))  # the same function on floats
+  chex.assert_type(LIB[name](xi, axis=-1), jnp.float32)
+  np.testing.assert_array_equal(LIB[name](xi, axis=-1), out)
+  assert_close(out, REF[name][0](np.asarray(xi, np.float64), -1),
+               jnp.float32, 10)
+  theirs = getattr(jax.nn, name)(xi.astype(jnp.float32), axis=-1)
+  chex.assert_trees_all_close(out, theirs, rtol=1e-6)
+  if dtype in (jnp.int8, jnp.int32):
+    # jax.nn on the integers themselves (it rejects booleans in softmax and
+    # log_softmax, and computes x - max in uint8, wrapping around; it warns
+    # casting -inf to an integer in log_softmax).
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      theirs = getattr(jax.nn, name)(xi, axis=-1)
+    chex.assert_type(theirs, jnp.float32)
+    chex.assert_trees_all_close(out, theirs, rtol=1e-6)
+
+
+def test_promotion_with_b_and_x64():
+  # jax.nn: the common type of a and b, then inexact.
+  a, b16 = jnp.array([1, 2]), jnp.array([1.0, 2.0], jnp.float16)
+  for b in (b16, 2, 2.0):
+    ours, theirs = js.logsumexp(a, b=b), jax.nn.logsumexp(a, b=b)
+    assert ours.dtype == theirs.dtype, (b, ours.dtype, theirs.dtype)
+    chex.assert_trees_all_close(ours.astype(jnp.float32),
+                                theirs.astype(jnp.float32), rtol=1e-3)
+  with jax.enable_x64(True), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)   # jax.nn, as above
+    for dtype, expected in ((jnp.int64, jnp.float64), (jnp.int8, jnp.float32)):
+      x = jnp.array([1, 2], dtype)
+      ours, theirs = jax.jit(lambda x: ([f(x) for f in LIB.values()], [
+          getattr(jax.nn, name)(x) for name in NAMES]))(x)
+      chex.assert_type(ours + theirs, expected)
+      chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+
+
+def plain_lse_b(a, b, axis, where, return_sign):
+  """``log|sum b exp(a)|`` by plain jax.numpy (its autodiff: the true
+  derivatives, b = 0 included); NaN for a negative sum without
+  ``return_sign``."""
+  mask = jnp.ones(a.shape, bool) if where is None else where
+  summed = mask & (b != 0)
+  m = jnp.max(jnp.where(summed, a, -jnp.inf), axis=axis, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  s = jnp.sum(jnp.where(mask, b * jnp.exp(jnp.where(mask, a, m) - m), 0.0),
+              axis=axis, keepdims=True)
+  out = jnp.squeeze(m + jnp.log(jnp.abs(s) if return_sign else s), axis)
+  return (out, jnp.squeeze(jnp.sign(s), axis)) if return_sign else out
+
+
+B = np.array([[1.0, 0.0, 2.0, 0.5], [-1.0, 2.0, 0.0, -0.5],
+              [0.0, 0.0, 3.0, 0.0]])
+
+
+@pytest.mark.parametrize("axis,return_sign,masked", [
+    (-1, False, False), (-1, True, True), (0, False, True), (0, True, False),
+    ((0, 1), False, True), ((0, 1), True, False)])
+def test_logsumexp_b_values_and_gradients(axis, return_sign, masked):
+  """Values and both gradients against the float64 reference, the plain
+  autodiff version and jax.nn (whose b-gradient is 0 at b = 0,
+  jax-ml/jax#22398: compared on b != 0 only)."""
+  a = data((3, 4), seed=3, scale=1.0).astype(np.float64)
+  where = nonempty_mask(a.shape, axis, seed=4) if masked else None
+  g = data(out_shape("logsumexp", a.shape, axis), seed=5).astype(np.float64)
+  with jax.enable_x64(True):
+    args = (jnp.asarray(a), jnp.asarray(B))
+    fns = {"ours": lambda a, b: js.logsumexp(a, axis, b,
+                                             return_sign=return_sign,
+                                             where=where),
+           "plain": lambda a, b: plain_lse_b(
+               a, b, ref.normalize_axes(axis, 2), where, return_sign),
+           "jax.nn": lambda a, b: jax.nn.logsumexp(
+               a, axis, b, return_sign=return_sign, where=where)}
+    ct = (jnp.asarray(g), jnp.zeros_like(g)) if return_sign else g
+
+    @jax.jit
+    def run(a, b):
+      res = {}
+      for k, fn in fns.items():
+        out, vjp = jax.vjp(fn, a, b)
+        res[k] = (out, vjp(ct))
+      return res
+
+    res = run(*args)
+  out, (da, db) = res["ours"]
+  kw = {"where": where, "b": B, "return_sign": return_sign}
+  chex.assert_trees_all_close(out, ref.logsumexp(a, axis, **kw), rtol=1e-12)
+  ok = np.isfinite(ref.logsumexp(a, axis, keepdims=True, **kw)[0]
+                   if return_sign else
+                   ref.logsumexp(a, axis, keepdims=True, **kw))
+  ok = np.broadcast_to(ok, a.shape)
+  assert_close(da, ref.logsumexp_vjp(a, g, axis, **kw), jnp.float64)
+  assert_close(db, ref.logsumexp_vjp_b(a, g, axis, **kw), jnp.float64)
+  # Where the value is finite (a negative sum without return_sign is NaN,
+  # with NaN gradients here; plain autodiff and jax.nn give finite ones).
+  for k in ("plain", "jax.nn"):
+    kout, (kda, kdb) = res[k]
+    chex.assert_trees_all_close(kout, out, rtol=1e-12)
+    keep = ok if k == "plain" else ok & (B != 0)
+    for mine, theirs, where_ in ((da, kda, ok), (db, kdb, keep)):
+      np.testing.assert_allclose(np.asarray(mine)[where_],
+                                 np.asarray(theirs)[where_], rtol=1e-12,
+                                 atol=1e-14, err_msg=k)
+  # The true derivative where b = 0 (jax.nn: 0): e^a / s, not 0.
+  assert np.all(np.asarray(db)[ok & (B == 0) & ref._mask(where, a.shape)]
+                != 0.0)
+
+
+def test_logsumexp_b_special_cases():
+  z3 = jnp.zeros(3)
+  # log(sum(b)): d/db = 1 / sum(b) for every entry, b = 0 included.
+  db = jax.grad(lambda b: js.logsumexp(z3, b=b))(jnp.array([2.0, 0.0, 5.0]))
+  np.testing.assert_allclose(db, np.full(3, 1 / 7), rtol=1e-6)
+  # b = 0 drops a = +inf (and NaN) from the sum, as jax.nn; d/da = 0 there.
+  a = jnp.array([1.0, jnp.inf, jnp.nan, 0.0])
+  b = jnp.array([2.0, 0.0, 0.0, 5.0])
+  lse, dx = jax.value_and_grad(lambda a: js.logsumexp(a, b=b))(a)
+  chex.assert_trees_all_close(lse, jax.nn.logsumexp(a, b=b))
+  np.testing.assert_allclose(dx, ref.logsumexp_vjp(a, 1.0, b=b), rtol=1e-6)
+  assert dx[1] == 0 and dx[2] == 0
+  # A negative sum: NaN without return_sign (value and gradients, jax.nn's
+  # value too); with it, log|s| and sign -1, finite gradients.
+  b = jnp.array([1.0, -3.0, 0.0])
+  f = lambda a, b, rs: js.logsumexp(a, b=b, return_sign=rs)  # noqa: E731
+  assert np.isnan(f(z3, b, False)) and np.isnan(jax.nn.logsumexp(z3, b=b))
+  assert np.all(np.isnan(jax.grad(f, (0, 1))(z3, b, False)))
+  (lse, sign), vjp = jax.vjp(lambda a, b: f(a, b, True), z3, b)
+  chex.assert_trees_all_close((lse, sign), (np.log(2.0), -1.0))
+  da, db = vjp((jnp.ones(()), jnp.zeros(())))
+  np.testing.assert_allclose(da, [-0.5, 1.5, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(db, [-0.5, -0.5, -0.5], rtol=1e-6)
+  # Exact cancellation: -inf, sign 0, NaN gradients (a pole of log|s|).
+  b = jnp.array([1.0, -1.0, 0.0])
+  (lse, sign), vjp = jax.vjp(lambda a, b: f(a, b, True), z3, b)
+  assert lse == -np.inf and sign == 0
+  assert np.all(np.isnan(jnp.concatenate(vjp((jnp.ones(()),
+                                              jnp.zeros(())))))), vjp
+  # Empty support (all b = 0): -inf, sign 0, zero gradients.
+  (lse, sign), vjp = jax.vjp(lambda a, b: f(a, b, True), z3, jnp.zeros(3))
+  assert lse == -np.inf and sign == 0
+  np.testing.assert_array_equal(jnp.concatenate(vjp((jnp.ones(()),
+                                                     jnp.zeros(())))), 0.0)
+
+
+# --------------------------------------------------------------------------
+# higher order: reverse-over-reverse and forward-over-reverse
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("masked", (False, True))
+def test_hessian_and_hvp_recipes_match_reference(name, masked):
+  """``jax.hessian`` (forward-over-reverse), ``jacrev(grad)``, grad-of-grad
+  and jvp-of-grad HVPs against the float64 reference Hessian."""
+  shape = (2, 4)
+  where = nonempty_mask(shape, -1) if masked else None
+  x = data(shape, scale=1.0).astype(np.float64)
+  c = data(out_shape(name, shape, -1), seed=3).astype(np.float64)
+  v = data(shape, seed=4).astype(np.float64)
+  h = ref.hessian(name, x, c, where)
+  hv = np.tensordot(h, v, 2)
+  assert np.max(np.abs(h)) > 1e-2
+
+  def f(x):
+    out = call(LIB[name], x, -1, where)
+    if name == "log_softmax" and masked:
+      out = jnp.where(where, out, 0.0)   # -inf at masked entries
+    return jnp.sum(c * out)
+
+  @jax.jit
+  def second_order(x, v):
+    return {
+        "hessian": jax.hessian(f)(x),
+        "jacrev(grad)": jax.jacrev(jax.grad(f))(x),
+        "grad-of-grad": jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x),
+        "jvp-of-grad": jax.jvp(jax.grad(f), (x,), (v,))[1],
+    }
+
+  with jax.enable_x64(True):
+    xj, vj = jnp.asarray(x), jnp.asarray(v)
+    got = second_order(xj, vj)
+    with pytest.raises(TypeError, match="forward-mode"):
+      jax.jvp(f, (xj,), (vj,))      # forward mode on the function itself
+  for k, val in got.items():
+    expected = h if val.ndim == 4 else hv
+    np.testing.assert_allclose(val, expected, rtol=1e-10, atol=1e-12,
+                               err_msg=k)
+
+
+# --------------------------------------------------------------------------
 # properties
 
 
+DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 ELEMENTS = st.one_of(
     st.floats(-20, 20, width=32),
-    st.sampled_from([1e30, -1e30, -np.inf]),
+    st.sampled_from([1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf, np.nan]),
 )
+# Scale factors: zeros and negatives, no near-cancellation (exact 0 sums
+# only), so float32 and float64 agree on the sign of every sum.
+B_ELEMENTS = st.sampled_from([0.0, 0.5, 1.0, 2.0, -0.5, -1.0])
+
+
+def _axis(ndim):
+  ints = st.integers(-ndim, ndim - 1) if ndim else st.nothing()
+  return st.one_of(
+      st.none(), ints,
+      st.lists(ints, max_size=ndim, unique_by=lambda a: a % ndim).map(tuple))
+
+
+def _broadcasting_to(shape, dtype, elements=None):
+  """None, or an array of any shape that broadcasts to ``shape``."""
+  shapes = hnp.broadcastable_shapes(shape, min_side=0).filter(
+      lambda s: np.broadcast_shapes(s, shape) == shape)
+  return st.none() | shapes.flatmap(
+      lambda s: hnp.arrays(dtype, s, elements=elements))
 
 
 @st.composite
 def primitive_case(draw):
-  ndim = draw(st.integers(1, 3))
-  shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim,
-                              max_size=ndim)))
+  name = draw(st.sampled_from(NAMES))
+  shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
+                                max_side=4))
   x = draw(hnp.arrays(np.float32, shape, elements=ELEMENTS))
-  axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim,
-                       unique=True))
-  axis = axes[0] - ndim if len(axes) == 1 else tuple(axes)
-  mask_kind = draw(st.sampled_from(["none", "full", "broadcast", "empty"]))
-  where = None
-  if mask_kind == "full":
-    where = draw(hnp.arrays(np.bool_, shape))
-  elif mask_kind == "broadcast":
-    where = draw(hnp.arrays(np.bool_, shape[-1:]))
-  elif mask_kind == "empty":
-    where = np.zeros(shape, bool)
-  g = draw(hnp.arrays(np.float32, shape, elements=st.floats(-2, 2,
-                                                             width=32)))
-  return x, axis, where, g
-
-
-@given(primitive_case(), st.sampled_from(NAMES))
-def test_property_matches_reference(case, name):
-  x, axis, where, g = case
+  kw = {"axis": draw(_axis(len(shape))),
+        "where": draw(_broadcasting_to(shape, np.bool_))}
   if name == "logsumexp":
-    axes = ref.normalize_axes(axis, x.ndim)
-    g = np.sum(g, axis=axes)
-  out, dx = vjp_of(name, x, g, axis, where, jit=True)
-  fref, vref = REF[name]
-  expected = fref(x, axis, where=where)
-  dexpected = vref(x, g, axis, where=where)
-  np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-6)
-  np.testing.assert_allclose(dx, dexpected, rtol=1e-5, atol=1e-5)
-  assert not np.any(np.isnan(out)) and not np.any(np.isnan(dx))
+    kw["b"] = draw(_broadcasting_to(shape, np.float32, B_ELEMENTS))
+    kw["keepdims"] = draw(st.booleans())
+    kw["return_sign"] = draw(st.booleans())
+  return name, x, kw, draw(st.sampled_from(DTYPES))
+
+
+def _assert_rounded_close(actual, expected, dtype, scale=1.0):
+  """``actual`` (of ``dtype``) against the float64 ``expected`` rounded to
+  ``dtype`` (so overflow to inf is expected); NaN and inf where expected."""
+  with np.errstate(over="ignore"):
+    expected = np.asarray(np.asarray(expected).astype(dtype), np.float64)
+  rtol, atol = TOL[dtype]
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
+                             rtol=rtol, atol=atol * scale)
+
+
+def _sum_to(v, shape):
+  """Sums ``v`` over the axes along which ``shape`` was broadcast to it."""
+  lead = v.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                    if n == 1 and v.shape[lead + i] != 1)
+  with np.errstate(invalid="ignore"):
+    return np.sum(v, axis=axes).reshape(shape)
+
+
+def _scale(v):
+  finite = np.abs(np.asarray(v, np.float64))
+  finite = finite[np.isfinite(finite)]
+  return max(1.0, float(np.max(finite))) if finite.size else 1.0
+
+
+@given(primitive_case())
+def test_property_matches_reference(case):
+  """Every shape (0- and 1-sized axes too), axis, broadcastable mask (and b),
+  dtype and extreme value against the float64 reference: values, the
+  gradient with respect to x (and b), NaN and inf in the same places."""
+  name, x, kw, dtype = case
+  xl = jnp.asarray(x).astype(dtype)   # (jax's cast: no overflow warning)
+  x64 = np.asarray(xl.astype(jnp.float32), np.float64)
+  b = kw.pop("b", None)
+  ref_kw = dict(kw)
+  if b is not None:
+    b = np.asarray(b, np.float64)      # exact in every dtype
+    ref_kw["b"] = b
+  expected = REF[name][0](x64, **ref_kw)
+  lse = expected[0] if kw.get("return_sign") else expected
+  g = np.cos(np.arange(lse.size)).reshape(lse.shape) * 2
+  gl = jnp.asarray(g, dtype)
+
+  def run(x, b):
+    out, vjp = jax.vjp(lambda x, b: LIB[name](x, b=b, **kw) if b is not None
+                       else LIB[name](x, **kw), x, b)
+    return out, vjp((gl, jnp.zeros_like(gl)) if kw.get("return_sign")
+                    else gl)
+
+  bl = None if b is None else jnp.asarray(b, dtype)
+  out, (dx, db) = jax.jit(run)(xl, bl)
+  chex.assert_trees_all_equal_dtypes(out, (xl, xl) if kw.get("return_sign")
+                                     else xl)
+  for o, e in zip(jax.tree.leaves(out),
+                  expected if kw.get("return_sign") else [expected],
+                  strict=True):
+    _assert_rounded_close(o, e, dtype, _scale(e))
+  if name == "logsumexp":
+    dexp = ref.logsumexp_vjp(x64, g, **ref_kw)
+  else:
+    dexp = REF[name][1](x64, g, **ref_kw)
+  chex.assert_shape(dx, np.shape(dexp))
+  _assert_rounded_close(dx, dexp, dtype, _scale(dexp))
+  if b is not None:
+    dbexp = _sum_to(ref.logsumexp_vjp_b(x64, g, **ref_kw), b.shape)
+    _assert_rounded_close(db, dbexp, dtype, _scale(dbexp))
   if name == "softmax":
-    s = np.sum(out, axis=ref.normalize_axes(axis, x.ndim))
-    assert np.all((np.abs(s - 1) < 1e-5) | (s == 0))
+    axes = ref.normalize_axes(kw["axis"], x.ndim)
+    s = np.sum(np.asarray(out, np.float64), axis=axes)
+    finite = np.isfinite(s)
+    assert np.all((np.abs(s[finite] - 1) < 10 * TOL[dtype][0])
+                  | (s[finite] == 0))

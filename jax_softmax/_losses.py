@@ -212,7 +212,7 @@ def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
     # row: [20, 0] with label 0 gives 2.06e-9, where log_s - z_y rounds to
     # 0). Where e_y underflows, log_s - z_y (no cancellation there).
     not_y = _class_ids(z.shape[-1], shard)[None, :] != target[:, None]
-    r_y = _csum(jnp.where(not_y, e, 0.0), shard)
+    r_y = _csum(jnp.exp(jnp.where(not_y, shifted, _NEG_INF)), shard)
     e_y = jnp.exp(z_y)
     log_s = jnp.log(r_y + e_y)
     near = z_y > -20.0

@@ -141,6 +141,7 @@ def runs(corpus, tmp_path_factory, spawn_module):
   return {head: (root / head, stdout[head]) for head in procs}
 
 
+@pytest.mark.slow
 def test_short_run_writes_metrics_curves_tokenizer_checkpoints(runs):
   out, stdout = runs["fused"]
   m = metrics(out)
@@ -173,6 +174,7 @@ def test_short_run_writes_metrics_curves_tokenizer_checkpoints(runs):
   assert "head memory" in stdout and "optax" in stdout
 
 
+@pytest.mark.slow
 def test_fused_and_optax_heads_agree(runs):
   fused, optax = (metrics(runs[h][0]) for h in ("fused", "optax"))
   assert optax["config"]["head"] == "optax"
@@ -187,6 +189,7 @@ def test_fused_and_optax_heads_agree(runs):
   assert fused["eval_loss"] == pytest.approx(optax["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_locked_run_directory_is_refused(single_run, capsys):
   import rundir
 
@@ -198,6 +201,7 @@ def test_locked_run_directory_is_refused(single_run, capsys):
   assert "holds its lock" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(runs, corpus,
                                                         tmp_path, spawn):
   """The fused run of `runs` is the uninterrupted one."""
@@ -387,6 +391,7 @@ def test_memory_only_prints_the_table_and_writes_nothing(tmp_path,
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_as_many_devices(runs, corpus,
                                                             tmp_path, spawn):
   """Two processes of 1 device each (jax.distributed, gloo on loopback)
@@ -413,6 +418,7 @@ def test_two_processes_match_one_process_on_as_many_devices(runs, corpus,
       ".lock", "checkpoints", "curves.png", "metrics.json", "tokenizer.json"]
 
 
+@pytest.mark.slow
 def test_vocab_parallel_head_matches_data_parallel(runs, corpus, tmp_path,
                                                   spawn):
   """E split on V over model=2 (axis_name inside shard_map) trains as the

@@ -37,7 +37,9 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-autodoc_typehints = "signature"
+# Names and defaults only: `jax.typing.ArrayLike` would print as its
+# expanded Union; the Args sections give shapes and dtypes.
+autodoc_typehints = "none"
 autodoc_member_order = "bysource"
 
 # Every cross-reference must resolve (a broken :func:`...` in a docstring

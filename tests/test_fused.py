@@ -74,6 +74,7 @@ def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
     assert _rel_err(g, e) < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [None, 1, 5, B, 64])
 @pytest.mark.parametrize("b", [1, B])
 def test_equals_optax_any_chunk(chunk, b):

@@ -246,6 +246,7 @@ def single_run(tmp_path_factory, spawn_module):
   return text, out, stdout
 
 
+@pytest.mark.slow
 def test_single_text_file_is_cut_into_pieces(single_run):
   text, out, stdout = single_run
   assert "9 train files" in stdout and "1 held out" in stdout
@@ -257,6 +258,7 @@ def test_single_text_file_is_cut_into_pieces(single_run):
   assert m["eval_loss"] < m["log_vocab"]
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_says_complete(single_run, capsys):
   text, out, _ = single_run
   before = (out / "metrics.json").read_bytes()
@@ -265,6 +267,7 @@ def test_rerun_of_finished_run_says_complete(single_run, capsys):
   assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "0.5"], "(lr: 0.003 there, 0.5 here)"),
     (["--head", "optax"], "(head: fused there, optax here)"),
@@ -279,6 +282,7 @@ def test_resume_with_other_settings_is_refused(single_run, capsys, flags,
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_other_data_is_refused(single_run, tmp_path, capsys):
   """The corpus is known by its contents: a moved copy resumes, an edited
   one is refused."""

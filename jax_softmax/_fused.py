@@ -406,7 +406,7 @@ def linear_cross_entropy(
   float32 ``dw`` accumulator ``(d, V)`` and ``dx`` ``(b, d)`` (and, on
   XLA's CPU backend when a ``(d, V)`` ``w`` is differentiated, a
   transposed copy of ``x`` for ``dw``'s matmul); ``chunk_size=None`` picks
-  ``chunk`` from :data:`CHUNK_BUDGET_BYTES` (128 MiB). Any ``b`` works: a
+  ``chunk`` from ``CHUNK_BUDGET_BYTES`` (128 MiB). Any ``b`` works: a
   batch that no chunk divides is padded (a copy of ``x``, never of ``w``),
   a ``chunk_size`` above the batch is clamped to it, and an empty batch
   gives 0 (``"none"``: an empty array) with zero gradients.
@@ -433,9 +433,9 @@ def linear_cross_entropy(
     labels: integer labels of ``x``'s batch shape.
     bias: optional ``(V,)``; a ``-inf`` entry masks that vocabulary slot.
     chunk_size: rows per chunk, or None for the memory budget.
-    reduction, where, ignore_index, label_smoothing, class_weights, z_loss,
-      soft_cap: as in :func:`cross_entropy` (``where`` is a row mask of the
-      labels' shape).
+    reduction, where, ignore_index, label_smoothing, class_weights: as in
+      :func:`cross_entropy` (``where`` is a row mask of the labels' shape).
+    z_loss, soft_cap: as in :func:`cross_entropy`.
     grad_in_forward: None chooses (True for scalar reductions); False
       forces recomputation in the backward pass; True with
       ``reduction="none"`` is an error.

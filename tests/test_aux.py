@@ -43,6 +43,7 @@ def _jnp_aux(z, cap):
   return lse, -jnp.sum(jnp.exp(lp) * lp, axis=-1)
 
 
+@pytest.mark.slow
 def test_values_on_every_row_including_ignored():
   x, w, y = _data()
   z = x @ w
@@ -72,6 +73,7 @@ def test_correct_for_probability_targets_and_class_mask():
                                 top == np.asarray(t).argmax(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_aux_gradients_equal_plain_autodiff(reduction, fused):
@@ -114,6 +116,7 @@ def test_fused_aux_equals_cross_entropy_aux_and_vmap():
   np.testing.assert_allclose(batched.lse.reshape(-1), want.lse, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_undifferentiated_aux_keeps_three_matmuls():
   x, w, y = _data()
 

@@ -25,6 +25,7 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_complete_results(bench, tmp_path, capsys):
   bench.main(["--quick", "--scale", "--runs", "2", "--dtype", "float32",
               "--out", str(tmp_path)])
@@ -71,6 +72,7 @@ def test_quick_run_writes_complete_results(bench, tmp_path, capsys):
   assert scale["optax"]["temp_bytes"] >= scale["fused"]["temp_bytes"]
 
 
+@pytest.mark.slow
 def test_bfloat16_subset_with_the_floor(bench, tmp_path):
   bench.main(["--section", "fused", "--shapes", "64x16x300", "--impls",
               "fused", "--dtype", "bfloat16", "--runs", "1", "--out",
@@ -109,6 +111,7 @@ def test_flags_are_validated(bench):
     bench.main(["--dtype", "int8"])
 
 
+@pytest.mark.slow
 def test_sharded_section_on_simulated_devices(tmp_path):
   """--section sharded simulates 8 CPU devices in its own process."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

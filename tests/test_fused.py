@@ -48,6 +48,7 @@ CASES = [(r, o, None) for r in ("mean", "sum", "none") for o in OPTIONS] + [
     (r, "all", False) for r in ("mean", "sum")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("reduction", "option", "grad_in_forward"), CASES)
 def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
   x, w, bias, y = _data()
@@ -73,6 +74,7 @@ def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
     assert _rel_err(g, e) < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [None, 1, 5, B, 64])
 @pytest.mark.parametrize("b", [1, B])
 def test_equals_optax_any_chunk(chunk, b):
@@ -100,6 +102,7 @@ def test_all_ignored_batch_gives_zero_loss_and_gradient():
   assert not np.any(np.asarray(dx)) and not np.any(np.asarray(dw))
 
 
+@pytest.mark.slow
 def test_hyperparameter_gradients_match_plain():
   x, w, _, y = _data()
   cw = jnp.linspace(0.5, 2.0, V)
@@ -120,6 +123,7 @@ def test_hyperparameter_gradients_match_plain():
     assert _rel_err(g, e) < 1e-5
 
 
+@pytest.mark.slow
 def test_leading_batch_dims_and_vmap():
   x, w, _, y = _data(b=12)
   x3, y3 = x.reshape(3, 4, D), y.reshape(3, 4)
@@ -132,6 +136,7 @@ def test_leading_batch_dims_and_vmap():
   assert _rel_err(means, want.mean(axis=1)) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_dtypes(dtype):
   x, w, _, y = _data(dtype)
@@ -156,6 +161,7 @@ def _op_counts(compiled):
   return Counter(ops)
 
 
+@pytest.mark.slow
 def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   x, w, _, y = _data(b=64, v=100)
 
@@ -175,6 +181,7 @@ def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(", text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use", ["mean", "none", "aux_entropy"])
 def test_tied_embedding_layout_vd_is_used_as_is(use):
   x, w, bias, y = _data(b=64, v=100)
@@ -220,6 +227,7 @@ def _in_layout(w, w_layout):
   return jnp.asarray(w.T), "{1},{0}".format(*w.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("w_layout", ["dv", "vd"])
 def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
@@ -234,6 +242,7 @@ def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
   assert len(converts) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("grad_in_forward", [None, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -263,6 +272,7 @@ def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward, dtype,
   assert not any(has_xt[:-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_in_forward", [None, False])
 def test_no_batch_by_vocab_buffer(grad_in_forward):
   b, d, v = 256, 16, 1000
@@ -278,6 +288,7 @@ def test_no_batch_by_vocab_buffer(grad_in_forward):
   assert temp < b * v * 4 / 2
 
 
+@pytest.mark.slow
 def test_memory_at_most_one_eighth_of_optax():
   b, d, v = 8192, 256, 32000
   args = (jax.ShapeDtypeStruct((b, d), jnp.float32),
@@ -297,6 +308,7 @@ def test_memory_at_most_one_eighth_of_optax():
   assert temp(fused) * 8 <= temp(ref)
 
 
+@pytest.mark.slow
 def test_vocab_split_over_a_vmap_axis_name():
   # axis_name also names a vmap axis (pmax/psum over it); no shard_map
   # typing there, so the mesh checks stay out of the way.

@@ -28,6 +28,7 @@ def _labels_for(dtype, vocab):
 # 1, 2: label dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", INT_DTYPES)
 @pytest.mark.parametrize("vocab", (2, 127, 128, 200, 255, 256, 257, 50257))
 def test_every_integer_label_dtype_for_every_vocab(dtype, vocab):
@@ -93,6 +94,7 @@ def test_traced_uint32_labels_beyond_int32_are_nan_not_ignored():
 # 3: soft_cap edges
 
 
+@pytest.mark.slow
 def test_huge_soft_cap_is_no_cap():
   z = jnp.array([[1.0, 2.0, -3.0], [1e-3, 0.0, 5.0]])
   y = jnp.array([0, 2])
@@ -118,6 +120,7 @@ def test_bad_soft_cap_is_a_value_error(cap):
 # 4: uncounted rows leak into no gradient
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("poison", (np.nan, np.inf, -np.inf))
 @pytest.mark.parametrize("how", ("where", "ignore_index"))
 def test_uncounted_rows_reach_no_hyperparameter_gradient(poison, how):
@@ -190,6 +193,7 @@ def test_zero_coefficient_terms_drop_out_of_value_and_gradient(case, masked):
 # 7: entropy of an empty support
 
 
+@pytest.mark.slow
 def test_aux_entropy_of_empty_rows_is_zero():
   z = jnp.array([[1.0, 2.0, 0.5], [-jnp.inf] * 3, [0.0, 1.0, 2.0]])
   where = jnp.array([[True] * 3, [True] * 3, [False] * 3])
@@ -276,6 +280,7 @@ def test_class_weights_summing_to_zero_are_not_taken_for_an_empty_batch():
 # 10: half precision, gradient in the forward pass, rounded once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,scale", ((jnp.bfloat16, 0.37),
                                          (jnp.float16, 2.0**16)))
 def test_half_precision_gradients_rounded_once_after_the_cotangent(dtype,
@@ -376,6 +381,7 @@ def test_chunk_larger_than_the_batch_is_clamped():
 # 13: debug_nans / debug_infs stay quiet on valid inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ("jax_debug_nans", "jax_debug_infs"))
 @pytest.mark.parametrize("jit", (False, True))
 def test_valid_inputs_never_trip_debug_nans(flag, jit):
@@ -469,6 +475,7 @@ def test_bad_arguments_name_the_parameter():
 # conventions: ignore_index=-100, optax drop-ins
 
 
+@pytest.mark.slow
 def test_minus_100_is_ignored_by_default():
   rng = np.random.default_rng(2)
   z = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
@@ -499,6 +506,7 @@ def _masks(shape):
   return full
 
 
+@pytest.mark.slow
 def test_drop_ins_equal_optax_with_masks_that_hide_target_mass():
   rng = np.random.default_rng(4)
   z = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)

@@ -306,6 +306,7 @@ def test_row_shifts_do_not_change_the_loss(seed, shifts):
 # gradients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit, dtype", [(False, np.float32),
                                         (True, np.float32),
                                         (True, np.float64)])
@@ -328,6 +329,7 @@ def test_grad_equals_dw(jit, dtype):
                                atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_value_and_grad_vs_plain(name):
   W, X, y, opts = _option_problem(name)  # noqa: N806
@@ -352,6 +354,7 @@ def test_value_and_grad_vs_plain(name):
     chex.assert_trees_all_equal_dtypes(g, pg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["plain", "all"])
 def test_check_grads_reverse(name):
   W, X, y, opts = _option_problem(name, seed=3)  # noqa: N806
@@ -530,6 +533,7 @@ def test_vmap_over_batches():
 # second order: Hessians, Hessian-vector products, hypergradients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["plain", "where", "class_weights",
                                   "label_smoothing", "all"])
 def test_hessian_reverse_over_reverse(name):
@@ -742,6 +746,7 @@ def test_traced_bad_label_gives_nan():
 # a real data set against an established solver
 
 
+@pytest.mark.slow
 def test_digits_lbfgs_matches_sklearn():
   from sklearn.datasets import load_digits
   from sklearn.exceptions import ConvergenceWarning

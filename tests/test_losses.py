@@ -182,6 +182,7 @@ def lib_vjp(fn, z, labels, g, kind, jit=False, **kw):
   return (jax.jit(run) if jit else run)(z, labels, g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("opts", OPTS)
 @pytest.mark.parametrize("where_kind", ("none", "class", "row", "ignore"))
@@ -209,6 +210,7 @@ PLAIN_CASES = [(o, "row") for o in OPTS] + [("plain", "class"),
                                             ("all", "class")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("opts,where_kind", PLAIN_CASES)
 def test_matches_plain_autodiff(kind, opts, where_kind):
@@ -236,6 +238,7 @@ def test_matches_plain_autodiff(kind, opts, where_kind):
     chex.assert_trees_all_equal_dtypes(grads, pgrads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("dtype,reduction", ((jnp.float32, "mean"),
                                              (jnp.float64, "none")))
@@ -258,6 +261,7 @@ def test_check_grads(kind, dtype, reduction):
     check_grads(f, args, order=1, modes=["rev"], eps=eps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("opts", ("all",))
 def test_reverse_over_reverse(kind, opts):
@@ -291,6 +295,7 @@ def test_reverse_over_reverse(kind, opts):
 # dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("opts", ("plain", "all"))
@@ -338,6 +343,7 @@ def test_float64_logits_give_float64_loss_and_float32_stays():
 # transformations
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("transform", ("eager", "jit", "vmap"))
 def test_eager_jit_vmap(kind, transform):
@@ -367,6 +373,7 @@ def test_eager_jit_vmap(kind, transform):
       np.testing.assert_allclose(dt[i], edt, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis", (0, (0, 2), (1, 2), -1))
 @pytest.mark.parametrize("kind", ("int", "prob"))
 def test_class_axes(axis, kind):
@@ -609,6 +616,7 @@ def test_probability_special_values():
   np.testing.assert_allclose(dt, edt, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_minus_inf_non_target_logits_are_harmless():
   z = np.array(Z)
   z[:, 3] = -np.inf
@@ -797,6 +805,7 @@ def test_float32_gradient_precision_at_large_logits(center, kind):
 # hyperparameters as traced arrays
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ("int", "prob"))
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_traced_hyperparameters_under_jit(kind, reduction):
@@ -910,6 +919,7 @@ OPTAX_NAMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTAX_NAMES)
 @pytest.mark.parametrize("where_kind", ("none", "class"))
 def test_optax_names_three_ways(name, where_kind):
@@ -994,6 +1004,7 @@ LP = np.asarray(js.log_softmax(Z)).astype(np.float32)
 NLL_OPTS = {"plain": {}, "weights": {"class_weights": W}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", NLL_OPTS)
 @pytest.mark.parametrize("where_kind", ("none", "class", "row", "ignore"))
 def test_nll_float64_matches_reference(opts, where_kind):

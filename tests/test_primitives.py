@@ -105,6 +105,7 @@ CASES = [(-1, True), (0, False), ((0, 2), False), ((1, 2), True)]
 # values and gradients: float64 reference, plain autodiff, check_grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("axis,masked", CASES)
 def test_float64_matches_reference(name, axis, masked):
@@ -121,6 +122,7 @@ def test_float64_matches_reference(name, axis, masked):
   assert_close(dx, vref(x, g, axis, where=where), jnp.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("axis,masked", CASES[::3])
 def test_float32_matches_plain_autodiff(name, axis, masked):
@@ -135,6 +137,7 @@ def test_float32_matches_plain_autodiff(name, axis, masked):
   chex.assert_shape(out, out_shape(name, x.shape, axis))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.float64))
 @pytest.mark.parametrize("masked", (True,))
@@ -193,6 +196,7 @@ def test_reverse_over_reverse(name, masked):
 # dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("masked", (False, True))
@@ -235,6 +239,7 @@ def test_low_precision_accumulates_in_float32(name, dtype):
 TRANSFORMS = ("eager", "jit", "vmap")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_eager_jit_vmap(name, transform):
@@ -436,6 +441,7 @@ def test_errors_say_expected_and_got(name):
 # the support comes from the inputs, not from the rounded output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,big", [(jnp.float16, 4e4),
                                        (jnp.bfloat16, 3e38),
                                        (jnp.float32, 3e38)])
@@ -469,6 +475,7 @@ EMPTY = [((0,), -1), ((3, 0), -1), ((2, 0, 3), 1), ((2, 0, 3), (0, 1)),
          ((0, 4), None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape,axis", EMPTY)
 def test_empty_class_axis(name, shape, axis):
@@ -547,6 +554,7 @@ def _debug_cases(name):
   return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("mode", DEBUG_MODES)
 def test_debug_nans_quiet_on_valid_inputs(name, mode):
@@ -638,6 +646,7 @@ def test_integer_and_bool_inputs_promote_like_jax_nn(name, dtype):
     chex.assert_trees_all_close(out, theirs, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_promotion_with_b_and_x64():
   # jax.nn: the common type of a and b, then inexact.
   a, b16 = jnp.array([1, 2]), jnp.array([1.0, 2.0], jnp.float16)
@@ -674,6 +683,7 @@ B = np.array([[1.0, 0.0, 2.0, 0.5], [-1.0, 2.0, 0.0, -0.5],
               [0.0, 0.0, 3.0, 0.0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis,return_sign,masked", [
     (-1, False, False), (-1, True, True), (0, False, True), (0, True, False),
     ((0, 1), False, True), ((0, 1), True, False)])
@@ -768,6 +778,7 @@ def test_logsumexp_b_special_cases():
 # higher order: reverse-over-reverse and forward-over-reverse
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("masked", (False, True))
 def test_hessian_and_hvp_recipes_match_reference(name, masked):

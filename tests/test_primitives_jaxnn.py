@@ -106,6 +106,7 @@ def _finite_max(v, initial=1.0):
   return float(np.max(v[np.isfinite(v)], initial=initial))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", FLOATS + (jnp.int32,))
 def test_logsumexp_against_scipy_and_jax_nn(dtype):
   """Values against scipy (float64) and jax.nn; for float32, d/da and d/db
@@ -297,6 +298,7 @@ AXES_CASES = [((2, 3, 4), 0, None), ((2, 3, 4), -1, (4,)),
               ((3, 4), None, (3, 1)), ((3, 1), (), None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_softmax_axes_and_masks_against_jax_nn(dtype):
   rng = np.random.default_rng(3)

@@ -5,6 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+# Each test starts subprocesses (8 simulated devices, 2 processes): slow.
+pytestmark = pytest.mark.slow
+
 HERE = pathlib.Path(__file__).parent
 
 

@@ -164,6 +164,7 @@ def test_own_data_file_keeps_the_newest_checkpoint(tmp_path):
       "epoch_0003.npz"]
 
 
+@pytest.mark.slow
 def test_lbfgs_run_is_extended_as_if_uninterrupted(tmp_path, capsys):
   flags = ["--optimizer", "lbfgs", "--keep-checkpoints", "0", "--data",
            str(write_blobs(tmp_path / "b.npz", n=100))]
@@ -328,6 +329,7 @@ def damage(path, how):
     shutil.copy(path.with_name("epoch_0003.npz"), path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "empty", "not a zip",
                                  "other zip", "missing key", "flipped bytes",
                                  "another step's file"])
@@ -388,6 +390,7 @@ def spawn():
       proc.wait()
 
 
+@pytest.mark.slow
 def test_locked_run_refuses_a_second_and_resumes_after_sigkill(tmp_path,
                                                                spawn):
   flags = ["--model", "mlp", "--hidden", "16", "--epochs", "3",
@@ -432,6 +435,7 @@ def test_locked_run_refuses_a_second_and_resumes_after_sigkill(tmp_path,
   assert not list(killed.glob("**/*.tmp"))
 
 
+@pytest.mark.slow
 def test_full_disk_fails_in_one_line_and_resumes(short_run, tmp_path, capsys):
   out = tmp_path / "run"
   run = subprocess.run(
@@ -469,6 +473,7 @@ def read_only(path):
     p.chmod(0o555 if p.is_dir() else 0o444)
 
 
+@pytest.mark.slow
 def test_read_only_run_directory(short_run, tmp_path):
   done = copy_run(short_run, tmp_path / "done")
   unfinished = copy_run(short_run, tmp_path / "unfinished")
@@ -581,6 +586,7 @@ def test_help_explains_every_flag(capsys):
     assert action.option_strings[-1] in text
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_as_many_devices(tmp_path, spawn):
   """Two processes of 2 devices each (jax.distributed, gloo on loopback)
   train exactly as one process with 4 devices."""

@@ -141,6 +141,7 @@ def runs(corpus, tmp_path_factory, spawn_module):
   return {head: (root / head, stdout[head]) for head in procs}
 
 
+@pytest.mark.slow
 def test_short_run_writes_metrics_curves_tokenizer_checkpoints(runs):
   out, stdout = runs["fused"]
   m = metrics(out)
@@ -173,6 +174,7 @@ def test_short_run_writes_metrics_curves_tokenizer_checkpoints(runs):
   assert "head memory" in stdout and "optax" in stdout
 
 
+@pytest.mark.slow
 def test_fused_and_optax_heads_agree(runs):
   fused, optax = (metrics(runs[h][0]) for h in ("fused", "optax"))
   assert optax["config"]["head"] == "optax"
@@ -187,6 +189,7 @@ def test_fused_and_optax_heads_agree(runs):
   assert fused["eval_loss"] == pytest.approx(optax["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_locked_run_directory_is_refused(single_run, capsys):
   import rundir
 
@@ -198,6 +201,7 @@ def test_locked_run_directory_is_refused(single_run, capsys):
   assert "holds its lock" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(runs, corpus,
                                                         tmp_path, spawn):
   """The fused run of `runs` is the uninterrupted one."""
@@ -242,6 +246,7 @@ def single_run(tmp_path_factory, spawn_module):
   return text, out, stdout
 
 
+@pytest.mark.slow
 def test_single_text_file_is_cut_into_pieces(single_run):
   text, out, stdout = single_run
   assert "9 train files" in stdout and "1 held out" in stdout
@@ -253,6 +258,7 @@ def test_single_text_file_is_cut_into_pieces(single_run):
   assert m["eval_loss"] < m["log_vocab"]
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_says_complete(single_run, capsys):
   text, out, _ = single_run
   before = (out / "metrics.json").read_bytes()
@@ -261,6 +267,7 @@ def test_rerun_of_finished_run_says_complete(single_run, capsys):
   assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "0.5"], "(lr: 0.003 there, 0.5 here)"),
     (["--head", "optax"], "(head: fused there, optax here)"),
@@ -275,6 +282,7 @@ def test_resume_with_other_settings_is_refused(single_run, capsys, flags,
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_other_data_is_refused(single_run, tmp_path, capsys):
   """The corpus is known by its contents: a moved copy resumes, an edited
   one is refused."""
@@ -387,6 +395,7 @@ def test_memory_only_prints_the_table_and_writes_nothing(tmp_path,
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_as_many_devices(runs, corpus,
                                                             tmp_path, spawn):
   """Two processes of 1 device each (jax.distributed, gloo on loopback)
@@ -413,6 +422,7 @@ def test_two_processes_match_one_process_on_as_many_devices(runs, corpus,
       ".lock", "checkpoints", "curves.png", "metrics.json", "tokenizer.json"]
 
 
+@pytest.mark.slow
 def test_vocab_parallel_head_matches_data_parallel(runs, corpus, tmp_path,
                                                   spawn):
   """E split on V over model=2 (axis_name inside shard_map) trains as the

@@ -4,10 +4,10 @@ Every public function is pure, jittable and vmappable, and carries a
 hand-written ``jax.custom_vjp`` gradient (reverse mode only).
 """
 
-from jax_softmax._fused import linear_cross_entropy
+from jax_softmax._aux import LossAux
 from jax_softmax._linear import linear_softmax_loss, softmax_with_gradients
+from jax_softmax._linear_ce import linear_cross_entropy
 from jax_softmax._losses import (
-    LossAux,
     cross_entropy,
     nll_loss,
     softmax_cross_entropy,

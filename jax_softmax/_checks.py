@@ -9,6 +9,7 @@ inspects concrete labels eagerly and, on request, traced labels through
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,10 @@ def dtype_of(a) -> np.dtype:
   return np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
 
 
+def _is_int(dtype) -> bool:
+  return bool(jnp.issubdtype(dtype, jnp.integer)) and dtype != np.bool_
+
+
 def as_int_labels(labels, name: str = "labels"
                   ) -> tuple[jax.Array, np.ndarray | None]:
   """Integer labels as ``int32``, and their exact values when concrete.
@@ -120,7 +125,7 @@ def as_int_labels(labels, name: str = "labels"
     TypeError: labels that are not integers.
   """
   dtype = dtype_of(labels)
-  if not jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_:
+  if not _is_int(dtype):
     raise TypeError(f"{name} must be integer class indices; got dtype "
                     f"{dtype}.")
   if is_concrete(labels):
@@ -133,18 +138,23 @@ def as_int_labels(labels, name: str = "labels"
   return labels.astype(jnp.int32), None
 
 
+def _static_int(value, name: str, what: str) -> int:
+  """A Python int (``TypeError`` naming ``name`` for anything else)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)):
+    raise TypeError(f"{name} must be {what}; got {value!r}.")
+  return int(value)
+
+
 def check_ignore_index(ignore_index) -> int | None:
   """``ignore_index`` as a Python int (or None), or a clear error."""
   if ignore_index is None:
     return None
-  if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
-      ignore_index, (int, np.integer)):
-    raise TypeError("ignore_index must be an int or None; got "
-                    f"{ignore_index!r}.")
+  ignore_index = _static_int(ignore_index, "ignore_index", "an int or None")
   if not _INT32.min <= ignore_index <= _INT32.max:
     raise ValueError("ignore_index must fit in int32; got "
                      f"{ignore_index}.")
-  return int(ignore_index)
+  return ignore_index
 
 
 def check_labels(labels: jax.Array, num_classes: int,
@@ -207,25 +217,12 @@ def int_label_rows(labels, batch_shape: tuple[int, ...], where,
         f"integer {name} must have the logits' shape without the class "
         f"axis, {batch_shape}; got {labels.shape}.")
   ignore_index = check_ignore_index(ignore_index)
-  row = jnp.ones(batch_shape, bool)
-  if where is not None:
-    row = broadcast_mask(as_bool_mask(where), batch_shape, "batch")
+  row = row_mask(where, batch_shape)
   if ignore_index is not None:
     row = row & (labels != ignore_index)
   counted = row if has_class is None else row & has_class
   check_labels(labels, num_classes, ignore_index, checked, counted, raw)
   return labels, row
-
-
-def check_class_weights(class_weights: jax.Array | None, num_classes: int
-                        ) -> None:
-  if class_weights is None:
-    return
-  if class_weights.shape != (num_classes,):
-    raise ValueError(
-        f"class_weights must have shape ({num_classes},); got "
-        f"{class_weights.shape}."
-    )
 
 
 def scalar_param(value, name: str, dtype, *, low: float = -np.inf,
@@ -261,10 +258,134 @@ def check_chunk_size(chunk_size) -> int | None:
   """``chunk_size``: None or a positive Python int (it fixes shapes)."""
   if chunk_size is None:
     return None
-  if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(
-      chunk_size, (int, np.integer)):
-    raise TypeError("chunk_size must be a positive int or None (a static "
-                    f"number of rows); got {chunk_size!r}.")
+  chunk_size = _static_int(chunk_size, "chunk_size", "a positive int or "
+                           "None (a static number of rows)")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
-  return int(chunk_size)
+  return chunk_size
+
+
+def label_kind(labels) -> bool:
+  """Whether ``labels`` are integer class indices (else floating
+  probabilities); ``TypeError`` for anything else (booleans included)."""
+  dtype = dtype_of(labels)
+  if _is_int(dtype):
+    return True
+  if jnp.issubdtype(dtype, jnp.floating):
+    return False
+  raise TypeError("labels must be integer class indices or floating "
+                  f"probabilities; got dtype {dtype}.")
+
+
+def row_mask(where, batch_shape: tuple[int, ...]) -> jax.Array:
+  """A row mask of the batch shape: ``where`` broadcast (all True for
+  None)."""
+  if where is None:
+    return jnp.ones(batch_shape, bool)
+  return broadcast_mask(as_bool_mask(where), batch_shape, "batch")
+
+
+def class_weights(weights, num_classes: int, dtype) -> jax.Array:
+  """``(num_classes,)`` floating class weights, in at least ``dtype``."""
+  cw = as_float_array(weights, "class_weights")
+  if cw.shape != (num_classes,):
+    raise ValueError(f"class_weights must have shape ({num_classes},); got "
+                     f"{cw.shape}.")
+  return cw.astype(jnp.result_type(cw.dtype, dtype))
+
+
+def linear_inputs(x, w, w_layout: str, names: tuple[str, str] = ("x", "w")
+                  ) -> tuple[jax.Array, jax.Array, bool]:
+  """``(x, w, vocab_major)`` of a linear head: floating ``x`` ``(..., d)``
+  and ``w`` ``(d, V)`` (``w_layout="dv"``) or ``(V, d)`` (``"vd"``,
+  ``vocab_major``), both cast to their common dtype."""
+  if w_layout not in ("dv", "vd"):
+    raise ValueError(f"w_layout must be 'dv' or 'vd'; got {w_layout!r}.")
+  vd = w_layout == "vd"
+  x = as_float_array(x, names[0])
+  w = as_float_array(w, names[1])
+
+  def d_of(layout_vd: bool) -> int:
+    return w.shape[1 if layout_vd else 0]
+
+  if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != d_of(vd):
+    want = "(V, d) (w_layout='vd')" if vd else "(d, V)"
+    hint = ""
+    if w.ndim == 2 and x.ndim >= 1 and x.shape[-1] == d_of(not vd):
+      hint = (" w looks like " + ("(d, V): pass w_layout='dv'" if vd else
+              "a (V, d) embedding: pass w_layout='vd'") + ".")
+    raise ValueError(f"expected {names[0]} of shape (..., d) and {names[1]} "
+                     f"of shape {want}; got {names[0]} {x.shape} and "
+                     f"{names[1]} {w.shape}.{hint}")
+  dtype = jnp.result_type(x.dtype, w.dtype)
+  return x.astype(dtype), w.astype(dtype), vd
+
+
+def bias(b, vocab: int) -> jax.Array | None:
+  """A floating ``(vocab,)`` bias, or None."""
+  if b is None:
+    return None
+  b = as_float_array(b, "bias")
+  if b.shape != (vocab,):
+    raise ValueError(f"bias must have shape ({vocab},); got {b.shape}.")
+  return b
+
+
+def check_grad_in_forward(grad_in_forward, reduction: str) -> None:
+  if grad_in_forward and reduction == "none":
+    raise ValueError("grad_in_forward=True needs a scalar reduction ('mean' "
+                     "or 'sum'); reduction='none' recomputes in backward.")
+
+
+class LogitRows(NamedTuple):
+  """Logits laid out as ``(rows, classes)`` with their masks and labels."""
+
+  logits: jax.Array
+  target: jax.Array
+  row_mask: jax.Array
+  class_mask: jax.Array | None
+  batch_shape: tuple[int, ...]
+  int_labels: bool
+
+
+def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
+             name: str = "logits") -> LogitRows:
+  """Validates and lays out the arguments of a loss from logits."""
+  logits = as_float_array(logits, name)
+  if logits.ndim == 0:
+    raise ValueError(f"{name} must have at least one (class) axis; got a "
+                     "scalar.")
+  axes = normalize_axes(axis, logits.ndim)
+  batch_axes = tuple(a for a in range(logits.ndim) if a not in axes)
+  batch_shape = tuple(logits.shape[a] for a in batch_axes)
+  num_classes = 1
+  for a in axes:
+    num_classes *= logits.shape[a]
+  perm = batch_axes + axes
+
+  def class_layout(x):
+    return jnp.transpose(x, perm).reshape(-1, num_classes)
+
+  int_labels = label_kind(labels)
+  row, class_mask, row_where = None, None, where
+  if where is not None and jnp.ndim(where) == logits.ndim:
+    mask = broadcast_mask(as_bool_mask(where), logits.shape,
+                                  name)
+    class_mask, row_where = class_layout(mask), None
+  if int_labels:
+    has_class = None if class_mask is None else jnp.any(
+        class_mask, axis=-1).reshape(batch_shape)   # rows with a class left
+    labels, row = int_label_rows(
+        labels, batch_shape, row_where, ignore_index, num_classes,
+        check_labels, has_class)
+    target = labels.reshape(-1)
+  else:
+    row = row_mask(row_where, batch_shape)
+    labels = jnp.asarray(labels)
+    if labels.shape != logits.shape:
+      raise ValueError(
+          f"probability labels must have the logits' shape {logits.shape}; "
+          f"got {labels.shape}.")
+    target = class_layout(labels)
+  return LogitRows(class_layout(logits), target, row.reshape(-1), class_mask,
+               batch_shape, int_labels)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_softmax import _checks, _losses
-from jax_softmax._primitives import compute_dtype
+from jax_softmax import _checks
+from jax_softmax._kernel import (
+    Classes,
+    grad_hyper,
+    grad_logits,
+    make_hyper,
+    row_stats,
+)
+from jax_softmax._numerics import compute_dtype
+from jax_softmax._reduce import reduce_rows, row_cotangents
 
 
 @jax.custom_vjp
@@ -16,15 +24,17 @@ def _linear_loss(w, x, y, row, reg, hp):
 
 def _linear_loss_fwd(w, x, y, row, reg, hp):
   z = jnp.matmul(x, w, preferred_element_type=compute_dtype(x.dtype))
-  st = _losses.row_stats(z, y, row, None, hp, True)
-  loss = _losses.reduce_rows(st, hp, "mean") + reg * jnp.sum(w * w)
+  st = row_stats(z, y, row, None, hp, int_labels=True,
+                 classes=Classes(z.shape[-1]))
+  loss = reduce_rows(st, hp, "mean") + reg * jnp.sum(w * w)
   return loss, (w, x, z, y, reg, hp, st)
 
 
 def _linear_loss_bwd(res, g):
   w, x, z, y, reg, hp, st = res
-  c_ce, c_z, mean_ce = _losses.row_cotangents(st, "mean", g, True)
-  dz = _losses.grad_logits(z, y, None, hp, True, st, c_ce, c_z)
+  cot = row_cotangents(st, "mean", g, int_labels=True)
+  classes = Classes(z.shape[-1])
+  dz = grad_logits(z, y, None, hp, st, cot, int_labels=True, classes=classes)
   f32 = dz.dtype
   # Uncounted rows may hold anything (NaN padding): keep them out of dW.
   x = jnp.where(st.counted[:, None], x, 0)
@@ -32,7 +42,8 @@ def _linear_loss_bwd(res, g):
   dw = dw + 2 * g * reg * w
   dx = jnp.matmul(dz.astype(w.dtype), w.T, preferred_element_type=f32)
   dreg = (g * jnp.sum(w * w)).astype(reg.dtype)
-  dhp = _losses.grad_hyper(z, y, None, hp, True, st, c_ce, c_z, mean_ce)
+  dhp = grad_hyper(z, y, None, hp, st, cot, int_labels=True,
+                   classes=classes)
   return (dw.astype(w.dtype), dx.astype(x.dtype), None, None, dreg, dhp)
 
 
@@ -105,7 +116,7 @@ def linear_softmax_loss(
   labels, row = _checks.int_label_rows(y, (x.shape[0],), where,
                                        ignore_index, w.shape[1], name="y")
   dtype = compute_dtype(w.dtype)
-  hp = _losses.make_hyper(label_smoothing, 0.0, None, class_weights,
+  hp = make_hyper(label_smoothing, 0.0, None, class_weights,
                           w.shape[1], dtype)
   reg = _checks.scalar_param(reg, "reg", dtype)
   return _linear_loss_jit(w, x, labels, row, reg, hp)

@@ -1,598 +1,104 @@
 """Cross-entropy losses from logits, with hand-written gradients.
 
-The row kernel here (:func:`row_stats`, :func:`grad_logits`,
-:func:`grad_target`, :func:`grad_hyper`) works on a 2-D block of logits
-``(rows, classes)`` with the class axis last. ``cross_entropy`` applies it to
-all rows at once; the linear model and the fused loss apply it to their own
-blocks, so every loss in the package shares one definition of the numerics.
-
-Notation for one row: logits ``z`` (after the soft cap), support
-``S = {c : z_c > -inf and not masked}``, ``K = |S|``, ``m = max z``,
-``log_s = log sum_S exp(z - m)``, ``lse = m + log_s``,
-``nll_c = log_s - (z_c - m) = -log p_c`` (never ``lse - z_c``: that
-difference of two large numbers loses precision at ``|z| ~ 1e3``).
+The public losses on logits: :func:`cross_entropy`, the optax drop-ins and
+:func:`nll_loss`. Each lays its arguments out as ``(rows, classes)``
+(:func:`_to_rows`) and applies the row kernel (:mod:`jax_softmax._kernel`)
+inside one ``jax.custom_vjp``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax import _checks
-from jax_softmax._primitives import compute_dtype, logsumexp
-
-_NEG_INF = -jnp.inf
-
-
-class Hyper(NamedTuple):
-  """Loss hyperparameters; ``None`` means off (and costs nothing)."""
-
-  label_smoothing: jax.Array | None = None
-  z_loss: jax.Array | None = None
-  soft_cap: jax.Array | None = None
-  class_weights: jax.Array | None = None
-
-
-class Stats(NamedTuple):
-  """Per-row results of the forward pass, all shape ``(rows,)``."""
-
-  lse: jax.Array       # log-sum-exp of the capped logits (0 if uncounted)
-  ce: jax.Array        # cross-entropy term of the row loss, 0 if uncounted
-  counted: jax.Array   # bool: the row enters the loss
-  weight: jax.Array    # the row's share of the mean's denominator
-  a: jax.Array         # total target mass: d ce / d z = a * p - t_w
-  k: jax.Array         # |S|, the support size (smoothing spreads over it)
-  bad: jax.Array       # bool: counted row whose integer label is out of range
-  shift: jax.Array | None = None  # the row maximum m (0 if uncounted)
-  log_s: jax.Array | None = None  # log sum exp(z - m): p = exp(z - m - log_s)
-  exp: jax.Array | None = None    # (rows, C) exp(z - m), when kept
-
-
-def make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
-               num_classes: int, dtype) -> Hyper:
-  """Validates hyperparameters; a literal 0 / None switches a term off.
-
-  ``label_smoothing`` must lie in ``[0, 1]``, ``z_loss`` be non-negative
-  and ``soft_cap`` positive (None is no cap), all finite; traced values are
-  not checked.
-  """
-
-  def scalar(v, name, **bounds):
-    if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and v == 0 and name != "soft_cap"):
-      return None
-    return _checks.scalar_param(v, name, dtype, **bounds)
-
-  cw = None
-  if class_weights is not None:
-    cw = _checks.as_float_array(class_weights, "class_weights")
-    _checks.check_class_weights(cw, num_classes)
-    cw = cw.astype(jnp.result_type(cw.dtype, dtype))
-  return Hyper(scalar(label_smoothing, "label_smoothing", low=0.0, high=1.0),
-               scalar(z_loss, "z_loss", low=0.0),
-               scalar(soft_cap, "soft_cap", low=0.0, low_open=True), cw)
-
-
-def _cap(z, cap):
-  """``cap * tanh(z / cap)``, ``-inf`` kept. Where ``|z / cap| < 2**-12``
-  that equals ``z`` to within half an ulp (``tanh u = u (1 - u**2 / 3 +
-  ...)``), and ``z`` itself is returned: a huge cap (``1e38``, where
-  ``z / cap`` underflows) is no cap."""
-  u = z / cap
-  capped = jnp.where(jnp.abs(u) < 2.0**-12, z, cap * jnp.tanh(u))
-  return jnp.where(z == _NEG_INF, _NEG_INF, capped)
-
-
-def _mul0(a, b):
-  """``a * b`` with ``0 * inf = 0``: a term whose coefficient is 0 drops
-  out of the loss even where ``b = -log p`` is ``+inf`` (a masked target
-  under ``label_smoothing=1`` or a zero class weight), as in the formulas.
-  NaN stays NaN. Written as a product so that its derivative in ``a`` is
-  ``b`` (second-order gradients through targets)."""
-  return a * jnp.where((a == 0) & (b == jnp.inf), 0.0, b)
-
-
-def _support_logits(z, cmask, hp):
-  """Capped logits in the compute dtype, ``-inf`` off the support."""
-  zc = z.astype(compute_dtype(z.dtype))
-  if hp.soft_cap is not None:
-    zc = _cap(zc, hp.soft_cap)
-  if cmask is not None:
-    zc = jnp.where(cmask, zc, _NEG_INF)
-  return zc
-
-
-def _weighted(x, hp, axis_value=None):
-  """``x * class_weights`` (broadcast over rows), or ``x`` without weights."""
-  if hp.class_weights is None:
-    return x
-  if axis_value is not None:
-    return x * hp.class_weights[axis_value]
-  return x * hp.class_weights.reshape((1,) * (x.ndim - 1) + (-1,))
-
-
-def label_weights(y, hp: Hyper, num_classes: int, dtype):
-  """``class_weights[y]`` per row (labels clipped into range: a bad label's
-  row is NaN anyway), or ones without class weights."""
-  one = jnp.ones(y.shape, dtype)
-  return _weighted(one, hp, jnp.clip(y, 0, num_classes - 1))
-
-
-class VocabShard(NamedTuple):
-  """This device's slice of a class axis split over the mesh axis ``name``.
-
-  Reductions over classes become ``pmax``/``psum`` over ``name``; labels
-  are global class ids; ``offset`` is the first global id held here.
-  """
-
-  name: str
-  offset: jax.Array
-  num_classes: int
-
-
-def _cmax(x, shard: VocabShard | None):
-  m = jnp.max(x, axis=-1)
-  return m if shard is None else lax.pmax(m, shard.name)
-
-
-def _csum(x, shard: VocabShard | None):
-  s = jnp.sum(x, axis=-1)
-  return s if shard is None else lax.psum(s, shard.name)
-
-
-def _class_ids(n_local: int, shard: VocabShard | None):
-  ids = jnp.arange(n_local)
-  return ids if shard is None else ids + shard.offset
-
-
-def _num_classes(n_local: int, shard: VocabShard | None) -> int:
-  return n_local if shard is None else shard.num_classes
-
-
-def _take_target(a, y, shard: VocabShard | None):
-  """``a[row, y[row]]`` for global ids ``y`` (0 for out-of-range ids)."""
-  n = a.shape[-1]
-  local = y if shard is None else y - shard.offset
-  v = jnp.take_along_axis(a, jnp.clip(local, 0, n - 1)[:, None], -1)[:, 0]
-  if shard is None:
-    return v
-  return lax.psum(jnp.where((local >= 0) & (local < n), v, 0.0), shard.name)
-
-
-def _local_weights(hp: Hyper, n_local: int, shard: VocabShard | None):
-  """Hyperparameters with this shard's slice of the class weights."""
-  if shard is None or hp.class_weights is None:
-    return hp
-  return hp._replace(class_weights=lax.dynamic_slice_in_dim(
-      hp.class_weights, shard.offset, n_local))
-
-
-def row_stats(z, target, row, cmask, hp: Hyper, is_int: bool,
-              shard: VocabShard | None = None, keep_exp: bool = False
-              ) -> Stats:
-  """Forward pass over a ``(rows, C)`` block.
-
-  Args:
-    z: ``(rows, C)`` logits, any floating dtype.
-    target: ``(rows,)`` integer labels or ``(rows, C)`` probabilities.
-    row: ``(rows,)`` bool, False for rows masked out or ``ignore_index``.
-    cmask: ``(rows, C)`` bool class mask, or None.
-    hp: hyperparameters.
-    is_int: whether ``target`` holds class indices.
-    shard: the class axis is split over a mesh axis (integer labels only).
-    keep_exp: keep ``exp(z - m)`` for the backward pass. XLA writes it out
-      for the sum anyway; keeping it saves the backward an ``exp`` per
-      entry (but holds a ``(rows, C)`` float32 array until then).
-  """
-  num_classes = _num_classes(z.shape[-1], shard)
-  zc = _support_logits(z, cmask, hp)
-  m = _cmax(zc, shard)
-  counted = row & (m != _NEG_INF)           # NaN rows stay counted
-  zc = jnp.where(counted[:, None], zc, 0.0)   # uncounted rows: harmless zeros
-  m = jnp.where(counted, m, 0.0)
-  # (z - m) is formed inside each reduction, never stored as a (rows, C)
-  # array of its own: one fewer write and read of the block.
-  shifted = zc - m[:, None]
-  e = jnp.exp(shifted)
-  valid = zc != _NEG_INF
-  eps = hp.label_smoothing
-  k = _csum(valid.astype(zc.dtype), shard)
-  if is_int:
-    bad = counted & ((target < 0) | (target >= num_classes))
-    z_y = _take_target(zc, target, shard) - m
-    # The sum of exp(z - m) is r_y + e_y, r_y over the classes other than
-    # the label: nll_y = log(1 + r_y / e_y) keeps a tiny r_y (a confident
-    # row: [20, 0] with label 0 gives 2.06e-9, where log_s - z_y rounds to
-    # 0). Where e_y underflows, log_s - z_y (no cancellation there).
-    not_y = _class_ids(z.shape[-1], shard)[None, :] != target[:, None]
-    r_y = _csum(jnp.exp(jnp.where(not_y, shifted, _NEG_INF)), shard)
-    e_y = jnp.exp(z_y)
-    log_s = jnp.log(r_y + e_y)
-    near = z_y > -20.0
-    nll_y = jnp.where(near, jnp.log1p(r_y / jnp.where(near, e_y, 1.0)),
-                      log_s - z_y)
-    nll_y = jnp.where(bad, jnp.nan, nll_y)
-    w_y = label_weights(target, hp, num_classes, zc.dtype)
-    ce = _mul0(w_y, nll_y)
-    a = w_y
-    if eps is not None:
-      # (eps / K) sum_S w_c nll_c = (W_S log_s - sum_S w_c (z_c - m)) / K
-      local = _local_weights(hp, z.shape[-1], shard)
-      w_s = _csum(_weighted(valid.astype(zc.dtype), local), shard)
-      wz = _csum(_weighted(jnp.where(valid, shifted, 0.0), local), shard)
-      smooth = (w_s * log_s - wz) / k
-      ce = _mul0(1 - eps, ce) + eps * smooth
-      a = (1 - eps) * w_y + eps * w_s / k
-    weight = jnp.where(counted, w_y, 0.0)
-  else:
-    bad = jnp.zeros_like(counted)
-    log_s = jnp.log(_csum(e, shard))
-    target = _clean_rows(target, counted)
-    q = _smoothed_target(target, valid, k, eps)
-    wq = _weighted(q, hp)
-    nll = log_s[:, None] - shifted
-    ce = jnp.sum(_mul0(wq, nll), axis=-1)
-    a = jnp.sum(wq, axis=-1)
-    weight = counted.astype(zc.dtype)
-  ce = jnp.where(counted, ce, 0.0)
-  return Stats(jnp.where(counted, m + log_s, 0.0), ce, counted, weight, a, k,
-               bad, m, jnp.where(counted, log_s, 0.0),
-               e if keep_exp else None)
-
-
-def _clean_rows(a, counted):
-  """``a`` with the rows that are not counted set to 0: what an uncounted
-  row holds (NaN, inf) never reaches a sum, nor a gradient through one."""
-  return jnp.where(counted.reshape(counted.shape + (1,) * (a.ndim - 1)), a,
-                   0)
-
-
-def _smoothed_target(t, valid, k, eps):
-  t = t.astype(k.dtype)
-  if eps is None:
-    return t
-  return (1 - eps) * t + eps * valid / k[:, None]
-
-
-def _probs(z, cmask, hp, st):
-  """Capped logits, ``p`` and ``-log p``, recomputed from the row stats.
-
-  ``p = exp((z - m) - log_s)``, never ``exp(z - lse)``: ``lse`` rounded to
-  float32 would shift every exponent by up to ``|lse| * 2**-24``.
-  """
-  zc = _support_logits(z, cmask, hp)
-  zc = jnp.where(st.counted[:, None], zc, 0.0)
-  nll = st.log_s[:, None] - (zc - st.shift[:, None])
-  return zc, jnp.exp(-nll), nll
-
-
-def _grad_capped(zc, p, target, hp: Hyper, is_int: bool, st: Stats,
-                 c_ce, c_z, shard: VocabShard | None = None):
-  """``d loss / d zc`` with respect to the capped logits ``zc`` (which
-  may be None when there is no smoothing: only the support needs it)."""
-  eps = hp.label_smoothing
-  coef = c_ce * st.a
-  if hp.z_loss is not None:
-    coef = coef + c_z * 2 * hp.z_loss * st.lse
-  if is_int:
-    onehot = _class_ids(p.shape[-1], shard)[None, :] == target[:, None]
-    ones = _weighted(jnp.ones_like(p), _local_weights(hp, p.shape[-1],
-                                                      shard))
-    tw = jnp.where(onehot, ones, 0.0)
-    if eps is not None:
-      support = jnp.where(zc != _NEG_INF, ones, 0.0)
-      tw = (1 - eps) * tw + eps * support / st.k[:, None]
-  else:
-    valid = None if eps is None else zc != _NEG_INF
-    tw = _weighted(_smoothed_target(target, valid, st.k, eps), hp)
-  return coef[:, None] * p - c_ce[:, None] * tw
-
-
-def grad_logits(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
-                c_ce, c_z, shard: VocabShard | None = None):
-  """``d loss / d z`` for a block, in the compute dtype.
-
-  ``c_ce`` and ``c_z`` are per-row cotangents ``(rows,)`` of the
-  cross-entropy and z-loss terms (already scaled by the reduction).
-  Exactly 0 on uncounted rows and masked classes, NaN on bad-label rows.
-  """
-  if (st.exp is not None and hp.label_smoothing is None
-      and hp.soft_cap is None):
-    # p from the kept exp(z - m): no second exp, no read of z.
-    zc, p = None, st.exp * jnp.exp(-cast(jax.Array, st.log_s))[:, None]
-  else:
-    zc, p, _ = _probs(z, cmask, hp, st)
-  g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
-  if hp.soft_cap is not None:
-    assert zc is not None  # the kept-exp shortcut excludes a soft cap
-    g = g * jnp.where(zc != _NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
-  keep = st.counted[:, None]
-  if cmask is not None:
-    keep = keep & cmask
-  g = jnp.where(keep, g, 0.0)
-  return jnp.where(st.bad[:, None], jnp.nan, g)
-
-
-def grad_target(z, target, cmask, hp: Hyper, st: Stats, c_ce):
-  """``d loss / d t`` for probability targets: ``(1-eps) w_c nll_c`` on the
-  support, 0 off it and on uncounted rows."""
-  zc, _, nll = _probs(z, cmask, hp, st)
-  scale = 1.0 if hp.label_smoothing is None else 1 - hp.label_smoothing
-  dt = c_ce[:, None] * scale * _weighted(nll, hp)
-  return jnp.where((zc != _NEG_INF) & st.counted[:, None], dt, 0.0)
-
-
-def grad_hyper(z, target, cmask, hp: Hyper, is_int: bool, st: Stats,
-               c_ce, c_z, mean_ce, shard: VocabShard | None = None) -> Hyper:
-  """Gradients of the loss with respect to the hyperparameters.
-
-  Under ``jit`` XLA drops the ones that are not used. ``mean_ce`` is the
-  cross-entropy mean for ``reduction="mean"`` with integer labels (the
-  class weights also enter its denominator), else 0. With ``shard`` the
-  gradients are those of the whole vocabulary (summed over the shards).
-  """
-  zc, p, nll = _probs(z, cmask, hp, st)
-  valid = zc != _NEG_INF
-  nll = jnp.where(valid, nll, 0.0)
-  eps = hp.label_smoothing
-  counted = st.counted
-  d_eps = d_z = d_cap = d_w = None
-  n_local = z.shape[-1]
-  n_cls = _num_classes(n_local, shard)
-  local_hp = _local_weights(hp, n_local, shard)
-  if is_int:
-    yc = jnp.clip(target, 0, n_cls - 1)
-    nll_y = jnp.where(st.bad, jnp.nan, _take_target(nll, target, shard))
-  if eps is not None:
-    if is_int:
-      w_y = label_weights(target, hp, n_cls, nll_y.dtype)
-      smooth = _csum(_weighted(nll, local_hp), shard) / st.k
-      per_row = smooth - w_y * nll_y
-    else:
-      dq = valid / st.k[:, None] - target
-      per_row = jnp.sum(_weighted(dq * nll, hp), axis=-1)
-    d_eps = jnp.sum(jnp.where(counted, c_ce * per_row, 0.0))
-  if hp.z_loss is not None:
-    d_z = jnp.sum(jnp.where(counted, (c_z * st.lse) * st.lse, 0.0))
-  if hp.soft_cap is not None:
-    g = _grad_capped(zc, p, target, hp, is_int, st, c_ce, c_z, shard)
-    # d zc / d cap for zc = cap * tanh(z / cap).
-    u = jnp.where(valid & counted[:, None], z.astype(zc.dtype),
-                  0.0) / hp.soft_cap
-    th = jnp.tanh(u)
-    dcap = jnp.where(valid, th - u * (1 - jnp.square(th)), 0.0)
-    d_cap = jnp.sum(jnp.where(valid & counted[:, None], g * dcap, 0.0))
-    d_cap = d_cap if shard is None else lax.psum(d_cap, shard.name)
-  if hp.class_weights is not None:
-    rows = jnp.where(counted, c_ce, 0.0)
-    if is_int:
-      smooth_w = 0.0 if eps is None else eps
-      per_y = rows * ((1 - smooth_w) * nll_y - mean_ce)
-      d_w = jax.ops.segment_sum(per_y, yc, num_segments=n_cls)
-      if eps is not None:
-        d_local = jnp.sum(rows[:, None] * eps * nll / st.k[:, None], 0)
-        if shard is not None:  # this shard's classes, summed over shards
-          d_local = lax.psum(lax.dynamic_update_slice_in_dim(
-              jnp.zeros_like(d_w), d_local, shard.offset, 0), shard.name)
-        d_w = d_w + d_local
-    else:
-      q = _smoothed_target(target, valid, st.k, eps)
-      d_w = jnp.sum(rows[:, None] * _mul0(q, nll), 0)
-    d_w = d_w.astype(hp.class_weights.dtype)
-  return Hyper(d_eps, d_z, d_cap, d_w)
-
-
-class LossAux(NamedTuple):
-  """Per-row by-products of a loss, all of the batch shape.
-
-  Filled for every row, uncounted ones included (``correct`` is False
-  there). ``lse`` and ``entropy`` are differentiable; ``argmax`` and
-  ``correct`` are not.
-
-  Attributes:
-    lse: log-sum-exp of the (capped, masked) logits; ``-inf`` for a row
-      with an empty support.
-    entropy: entropy ``-sum_c p_c log p_c`` of the softmax distribution.
-    argmax: first index of the maximum of the raw (masked) logits.
-    correct: ``argmax == label`` (the target's argmax for probability
-      targets) on counted rows, False elsewhere.
-  """
-
-  lse: jax.Array
-  entropy: jax.Array
-  argmax: jax.Array
-  correct: jax.Array
-
-
-def _aux_probs(z, cmask, hp: Hyper, shard: VocabShard | None):
-  """Capped logits, support, ``log p`` (0 off the support) and
-  ``lse`` of every row, counted or not; an empty row has ``lse = -inf``
-  and no support. No NaN or ``0 * inf`` is formed on the way."""
-  zc = _support_logits(z, cmask, hp)
-  valid = zc != _NEG_INF
-  m = _cmax(zc, shard)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  shifted = zc - m[:, None]
-  log_s = jnp.log(_csum(jnp.exp(shifted), shard))
-  safe = jnp.where(log_s == _NEG_INF, 0.0, log_s)[:, None]
-  log_p = jnp.where(valid, shifted - safe, 0.0)
-  return zc, valid, log_p, m + log_s
-
-
-def row_aux(z, target, counted, cmask, hp: Hyper, is_int: bool,
-            shard: VocabShard | None = None) -> LossAux:
-  """:class:`LossAux` of a ``(rows, C)`` block (one more pass over it).
-
-  A row with an empty support has ``lse = -inf`` and entropy 0 (the
-  entropy of no outcome; its gradient is 0 too)."""
-  _, valid, log_p, lse = _aux_probs(z, cmask, hp, shard)
-  p = jnp.where(valid, jnp.exp(log_p), 0.0)
-  entropy = -_csum(p * log_p, shard)
-  raw = z if cmask is None else jnp.where(cmask, z, _NEG_INF)
-  top = jnp.argmax(raw, axis=-1)
-  if shard is not None:  # first global maximum: ties go to the lowest id
-    best = jnp.max(raw, axis=-1)
-    top = jnp.where(best == lax.pmax(best, shard.name), top + shard.offset,
-                    shard.num_classes)
-    top = lax.pmin(top, shard.name)
-  want = target if is_int else jnp.argmax(target, axis=-1)
-  return LossAux(lse, entropy, top, counted & (top == want))
-
-
-def grad_aux(z, cmask, hp: Hyper, aux: LossAux, g_lse, g_ent,
-             shard: VocabShard | None = None):
-  """``d (sum g_lse * lse + sum g_ent * entropy) / d z`` for a block.
-
-  ``d lse / d z = p`` and ``d H / d z = -p (log p + H)``, on the support.
-  ``g_lse`` / ``g_ent`` are ``(rows,)`` cotangents or None (zero).
-  """
-  zc, valid, log_p, _ = _aux_probs(z, cmask, hp, shard)
-  p = jnp.where(valid, jnp.exp(log_p), 0.0)
-  g = jnp.zeros_like(p)
-  if g_lse is not None:
-    g = g + g_lse[:, None] * p
-  if g_ent is not None:
-    g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
-  if hp.soft_cap is not None:
-    g = g * jnp.where(valid, 1 - jnp.square(zc / hp.soft_cap), 0.0)
-  return jnp.where(valid, g, 0.0)
-
-
-def unwrap_primals(tree):
-  """Values and whether any leaf is perturbed, for ``symbolic_zeros``."""
-  is_p = lambda t: isinstance(t, CustomVJPPrimal)  # noqa: E731
-  values = jax.tree.map(lambda t: t.value, tree, is_leaf=is_p)
-  return values, any(t.perturbed for t in jax.tree.leaves(tree, is_leaf=is_p))
-
-
-def aux_cotangents(ct: LossAux):
-  """``(g_lse, g_entropy)`` from an aux cotangent, None where zero."""
-  return tuple(None if isinstance(g, SymbolicZero) else g
-               for g in (ct.lse, ct.entropy))
-
-
-# --------------------------------------------------------------------------
-# reductions shared by every loss
-
-
-def _bsum(x, batch_axis: str | tuple[str, ...] | None):
-  """Sum over rows, and over the mesh axis ``batch_axis`` if given."""
-  s = jnp.sum(x)
-  return s if batch_axis is None else lax.psum(s, batch_axis)
-
-
-def reduce_rows(st: Stats, hp: Hyper, reduction: str,
-                batch_axis: str | tuple[str, ...] | None = None
-                ) -> jax.Array:
-  """Applies ``reduction`` to the per-row terms of ``st``.
-
-  With ``batch_axis`` the sums (and the mean's denominators) run over the
-  global batch split over that mesh axis. The z-loss term is formed per
-  row as ``(z_loss * lse) * lse``, which stays finite wherever the result
-  does (``lse**2`` alone overflows float32 beyond ``|lse| = 1.8e19``).
-  """
-  ce = st.ce if reduction == "none" else _bsum(st.ce, batch_axis)
-  d_ce, d_z = _denominators(st, reduction, batch_axis)
-  ce = ce / d_ce
-  if hp.z_loss is None:
-    return ce
-  z_rows = jnp.where(st.counted, (hp.z_loss * st.lse) * st.lse, 0.0)
-  if reduction == "none":
-    return ce + z_rows
-  return ce + _bsum(z_rows, batch_axis) / d_z
-
-
-def _denominators(st: Stats, reduction: str,
-                  batch_axis: str | tuple[str, ...] | None):
-  """Divisors of the summed cross-entropy and z-loss terms: for
-  ``"mean"``, ``sum w_y`` and the count over counted rows, else 1.
-
-  A batch with no counted row has a zero numerator too: its mean is 0, not
-  NaN. Only that case is guarded: class weights that sum to 0 over counted
-  rows divide by 0 (NaN or inf, as PyTorch).
-  """
-  one = jnp.ones((), st.ce.dtype)
-  if reduction != "mean":
-    return one, one
-  n = _bsum(st.counted.astype(st.ce.dtype), batch_axis)
-  none = n == 0
-  return (jnp.where(none, one, _bsum(st.weight, batch_axis)),
-          jnp.where(none, one, n))
-
-
-def row_cotangents(st: Stats, reduction: str, g, is_int: bool,
-                   batch_axis: str | tuple[str, ...] | None = None
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-row cotangents ``(c_ce, c_z, mean_ce)`` of a reduced loss.
-
-  ``mean_ce`` is the cross-entropy mean when the class weights enter the
-  denominator (``"mean"`` with integer labels), else 0.
-  """
-  g = jnp.asarray(g, st.ce.dtype)
-  d_ce, d_z = _denominators(st, reduction, batch_axis)
-  c_ce, c_z = g / d_ce, g / d_z
-  mean_ce = jnp.zeros((), st.ce.dtype)
-  if reduction == "mean" and is_int:
-    mean_ce = _bsum(st.ce, batch_axis) / d_ce
-  c_ce = jnp.where(st.counted, jnp.broadcast_to(c_ce, st.ce.shape), 0.0)
-  c_z = jnp.where(st.counted, jnp.broadcast_to(c_z, st.ce.shape), 0.0)
-  return c_ce, c_z, mean_ce
-
-
-# --------------------------------------------------------------------------
-# cross_entropy
+from jax_softmax._aux import LossAux, grad_aux, row_aux
+from jax_softmax._kernel import (
+    Classes,
+    Hyper,
+    RowStats,
+    grad_hyper,
+    grad_logits,
+    grad_target,
+    label_weights,
+    make_hyper,
+    row_stats,
+)
+from jax_softmax._numerics import NEG_INF, clean_rows, compute_dtype, mul0
+from jax_softmax._primitives import logsumexp
+from jax_softmax._reduce import (
+    reduce_rows,
+    row_cotangents,
+    shape_outputs,
+    split_cotangent,
+    unwrap_primals,
+)
 
 
 class _Config(NamedTuple):
+  """The static configuration of one :func:`cross_entropy` call."""
+
   reduction: str
-  is_int: bool
-  aux: bool = False
+  int_labels: bool
+  return_aux: bool = False
 
 
-def _cross_entropy_outputs(cfg, z, target, row, cmask, hp):
-  st = row_stats(z, target, row, cmask, hp, cfg.is_int, keep_exp=True)
+def _outputs(cfg: _Config, z, target, row, class_mask, hp: Hyper):
+  """``(outputs, row stats, aux)`` of the loss on ``(rows, C)`` logits."""
+  classes = Classes(z.shape[-1])
+  st = row_stats(z, target, row, class_mask, hp, int_labels=cfg.int_labels,
+                 classes=classes, keep_exp=True)
   loss = reduce_rows(st, hp, cfg.reduction)
-  if not cfg.aux:
+  if not cfg.return_aux:
     return loss, st, None
-  aux = row_aux(z, target, st.counted, cmask, hp, cfg.is_int)
+  aux = row_aux(z, target, st.counted, class_mask, hp,
+                int_labels=cfg.int_labels, classes=classes)
   return (loss, aux), st, aux
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cross_entropy(cfg, z, target, row, cmask, hp):
-  return _cross_entropy_outputs(cfg, z, target, row, cmask, hp)[0]
+def _cross_entropy(cfg: _Config, z, target, row, class_mask, hp: Hyper):
+  return _outputs(cfg, z, target, row, class_mask, hp)[0]
 
 
-def _cross_entropy_fwd(cfg, *args):
-  z, target, row, cmask, hp = (unwrap_primals(a)[0] for a in args)
-  out, st, aux = _cross_entropy_outputs(cfg, z, target, row, cmask, hp)
-  if not cfg.is_int:
-    target = _clean_rows(target, st.counted)
-  return out, (z, target, cmask, hp, st, aux)
+class _Residuals(NamedTuple):
+  logits: jax.Array
+  target: jax.Array
+  class_mask: jax.Array | None
+  hp: Hyper
+  stats: RowStats
+  aux: LossAux | None
 
 
-def _cross_entropy_bwd(cfg, res, g):
-  z, target, cmask, hp, st, aux = res
-  g, g_aux = g if cfg.aux else (g, None)
-  if isinstance(g, SymbolicZero):
-    g = jnp.zeros(g.shape, g.dtype)
-  c_ce, c_z, mean_ce = row_cotangents(st, cfg.reduction, g, cfg.is_int)
-  dz = grad_logits(z, target, cmask, hp, cfg.is_int, st, c_ce, c_z)
-  if g_aux is not None:
-    g_lse, g_ent = aux_cotangents(g_aux)
-    if g_lse is not None or g_ent is not None:
-      dz = dz + grad_aux(z, cmask, hp, aux, g_lse, g_ent)
+def _cross_entropy_fwd(cfg: _Config, z, target, row, class_mask, hp):
+  z, target, row, class_mask, hp = (unwrap_primals(a)[0] for a in (
+      z, target, row, class_mask, hp))
+  out, st, aux = _outputs(cfg, z, target, row, class_mask, hp)
+  if not cfg.int_labels:
+    target = clean_rows(target, st.counted)
+  return out, _Residuals(logits=z, target=target, class_mask=class_mask,
+                         hp=hp, stats=st, aux=aux)
+
+
+def _cross_entropy_bwd(cfg: _Config, res: _Residuals, g):
+  g, (g_lse, g_ent) = split_cotangent(g, cfg.return_aux)
+  z, target, class_mask, hp, st = res[:5]
+  classes = Classes(z.shape[-1])
+  cot = row_cotangents(st, cfg.reduction, g, int_labels=cfg.int_labels)
+  dz = grad_logits(z, target, class_mask, hp, st, cot,
+                   int_labels=cfg.int_labels, classes=classes)
+  if g_lse is not None or g_ent is not None:
+    assert res.aux is not None
+    dz = dz + grad_aux(z, class_mask, hp, res.aux, g_lse, g_ent,
+                       classes=classes)
   dt = None
-  if not cfg.is_int:
-    dt = grad_target(z, target, cmask, hp, st, c_ce).astype(target.dtype)
-  dhp = grad_hyper(z, target, cmask, hp, cfg.is_int, st, c_ce, c_z, mean_ce)
+  if not cfg.int_labels:
+    dt = grad_target(z, class_mask, hp, st, cot).astype(target.dtype)
+  dhp = grad_hyper(z, target, class_mask, hp, st, cot,
+                   int_labels=cfg.int_labels, classes=classes)
   return dz.astype(z.dtype), dt, None, None, dhp
 
 
@@ -601,68 +107,6 @@ _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd,
 # Compiled once per configuration and shapes, so eager calls do not run
 # the kernel op by op (under an outer jit this is inlined).
 _cross_entropy_jit = jax.jit(_cross_entropy, static_argnums=0)
-
-
-class _Rows(NamedTuple):
-  """Logits laid out as ``(rows, classes)`` with their masks and labels."""
-
-  z: jax.Array
-  target: jax.Array
-  row: jax.Array
-  cmask: jax.Array | None
-  batch_shape: tuple[int, ...]
-  is_int: bool
-
-
-def _to_rows(logits, labels, axis, where, ignore_index, check_labels,
-             name: str = "logits") -> _Rows:
-  """Validates and lays out the arguments of a loss from logits."""
-  logits = _checks.as_float_array(logits, name)
-  if logits.ndim == 0:
-    raise ValueError(f"{name} must have at least one (class) axis; got a "
-                     "scalar.")
-  axes = _checks.normalize_axes(axis, logits.ndim)
-  batch_axes = tuple(a for a in range(logits.ndim) if a not in axes)
-  batch_shape = tuple(logits.shape[a] for a in batch_axes)
-  num_classes = 1
-  for a in axes:
-    num_classes *= logits.shape[a]
-  perm = batch_axes + axes
-
-  def class_layout(x):
-    return jnp.transpose(x, perm).reshape(-1, num_classes)
-
-  dtype = _checks.dtype_of(labels)
-  is_int = bool(jnp.issubdtype(dtype, jnp.integer)) and dtype != np.bool_
-  if not is_int and not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        "labels must be integer class indices or floating probabilities; "
-        f"got dtype {dtype}.")
-  row = jnp.ones(batch_shape, bool)
-  cmask = None
-  if where is not None:
-    mask = _checks.as_bool_mask(where)
-    if mask.ndim == logits.ndim:
-      cmask = class_layout(_checks.broadcast_mask(mask, logits.shape,
-                                                  name))
-    elif not is_int:
-      row = _checks.broadcast_mask(mask, batch_shape, "batch")
-  if is_int:
-    has_class = None if cmask is None else jnp.any(
-        cmask, axis=-1).reshape(batch_shape)   # rows with no class left
-    labels, row = _checks.int_label_rows(
-        labels, batch_shape, None if where is None or cmask is not None
-        else where, ignore_index, num_classes, check_labels, has_class)
-    target = labels.reshape(-1)
-  else:
-    labels = jnp.asarray(labels)
-    if labels.shape != logits.shape:
-      raise ValueError(
-          f"probability labels must have the logits' shape {logits.shape}; "
-          f"got {labels.shape}.")
-    target = class_layout(labels)
-  return _Rows(class_layout(logits), target, row.reshape(-1), cmask,
-               batch_shape, is_int)
 
 
 def cross_entropy(
@@ -776,24 +220,13 @@ def cross_entropy(
     direct ``jax.jvp`` / ``jax.jacfwd`` of the loss is not.
   """
   _checks.check_reduction(reduction)
-  r = _to_rows(logits, labels, axis, where, ignore_index, check_labels)
+  r = _checks.logit_rows(logits, labels, axis, where, ignore_index,
+                         check_labels)
   hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
-                  r.z.shape[-1], compute_dtype(r.z.dtype))
-  out = _cross_entropy_jit(_Config(reduction, r.is_int, return_aux), r.z,
-                       r.target, r.row, r.cmask, hp)
+                  r.logits.shape[-1], compute_dtype(r.logits.dtype))
+  out = _cross_entropy_jit(_Config(reduction, r.int_labels, return_aux),
+                           r.logits, r.target, r.row_mask, r.class_mask, hp)
   return shape_outputs(out, reduction, return_aux, r.batch_shape)
-
-
-def shape_outputs(out, reduction: str, return_aux: bool,
-                  batch_shape: tuple[int, ...]):
-  """Gives per-row outputs (loss for ``"none"``, aux) the batch shape."""
-  loss, aux = out if return_aux else (out, None)
-  n = math.prod(batch_shape)
-  if reduction == "none":
-    loss = loss[:n].reshape(batch_shape)
-  if aux is None:
-    return loss
-  return loss, jax.tree.map(lambda a: a[:n].reshape(batch_shape), aux)
 
 
 def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
@@ -806,23 +239,21 @@ def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
   reaches the masked target). ``cross_entropy`` itself gives ``+inf``
   for both.
   """
-  r = _to_rows(logits, labels, axis, where, None, False)
-  target = r.target
-  if r.cmask is not None and not r.is_int:
-    target = jnp.where(r.cmask, target, 0.0)
-  hp = make_hyper(0.0, 0.0, None, None, r.z.shape[-1],
-                  compute_dtype(r.z.dtype))
-  out = _cross_entropy_jit(_Config("none", r.is_int), r.z, target, r.row,
-                       r.cmask, hp)
-  if r.cmask is not None and r.is_int:
-    n = r.z.shape[-1]
+  r = _checks.logit_rows(logits, labels, axis, where, None, False)
+  z, target, cmask = r.logits, r.target, r.class_mask
+  if cmask is not None and not r.int_labels:
+    target = jnp.where(cmask, target, 0.0)
+  out = _cross_entropy_jit(_Config("none", r.int_labels), z, target,
+                           r.row_mask, cmask, Hyper())
+  if cmask is not None and r.int_labels:
+    n = z.shape[-1]
     in_range = (target >= 0) & (target < n)
     y = jnp.clip(target, 0, n - 1)[:, None]
-    masked = in_range & ~jnp.take_along_axis(r.cmask, y, -1)[:, 0] & (
-        jnp.any(r.cmask, axis=-1))
-    z_y = jnp.take_along_axis(r.z, y, -1)[:, 0]
-    raw = logsumexp(r.z, axis=-1, where=r.cmask) - z_y
-    out = jnp.where(masked & r.row, raw.astype(out.dtype), out)
+    masked = in_range & ~jnp.take_along_axis(cmask, y, -1)[:, 0] & (
+        jnp.any(cmask, axis=-1))
+    z_y = jnp.take_along_axis(z, y, -1)[:, 0]
+    raw = logsumexp(z, axis=-1, where=cmask) - z_y
+    out = jnp.where(masked & r.row_mask, raw.astype(out.dtype), out)
   return out.reshape(r.batch_shape)
 
 
@@ -863,11 +294,7 @@ def softmax_cross_entropy(
   """
   z = _checks.as_float_array(logits, "logits")
   t = jnp.asarray(labels)
-  if t.dtype == jnp.bool_ or not (jnp.issubdtype(t.dtype, jnp.integer) or
-                                  jnp.issubdtype(t.dtype, jnp.floating)):
-    raise TypeError("labels must be probabilities (floating or integer "
-                    f"one-hot); got dtype {t.dtype}.")
-  if not jnp.issubdtype(t.dtype, jnp.floating):
+  if _checks.label_kind(t):   # integer one-hot labels
     t = t.astype(compute_dtype(z.dtype))
   try:
     t = jnp.broadcast_to(t, z.shape)
@@ -882,45 +309,46 @@ def softmax_cross_entropy(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _nll(reduction, lp, y, row, cmask, hp):
-  return _nll_fwd(reduction, lp, y, row, cmask, hp)[0]
+def _nll(reduction, lp, y, row, class_mask, hp):
+  return _nll_fwd(reduction, lp, y, row, class_mask, hp)[0]
 
 
-def _nll_fwd(reduction, lp, y, row, cmask, hp):
-  num_classes = lp.shape[-1]
-  yc = jnp.clip(y, 0, num_classes - 1)
-  counted = row if cmask is None else row & jnp.any(cmask, axis=-1)
-  bad = counted & ((y < 0) | (y >= num_classes))
+def _nll_fwd(reduction, lp, y, row, class_mask, hp):
+  n = lp.shape[-1]
+  yc = jnp.clip(y, 0, n - 1)
+  counted = row if class_mask is None else row & jnp.any(class_mask, -1)
+  bad = counted & ((y < 0) | (y >= n))
   lp_y = jnp.take_along_axis(lp, yc[:, None], axis=-1)[:, 0]
   lp_y = lp_y.astype(compute_dtype(lp.dtype))
-  if cmask is not None:
-    lp_y = jnp.where(jnp.take_along_axis(cmask, yc[:, None], -1)[:, 0],
-                     lp_y, _NEG_INF)
+  if class_mask is not None:
+    lp_y = jnp.where(jnp.take_along_axis(class_mask, yc[:, None], -1)[:, 0],
+                     lp_y, NEG_INF)
   # Uncounted rows may hold anything: their lp_y reaches no gradient.
   lp_y = jnp.where(counted, lp_y, 0.0)
-  w_y = label_weights(y, hp, num_classes, lp_y.dtype)
-  nll = jnp.where(counted, jnp.where(bad, jnp.nan, _mul0(w_y, -lp_y)), 0.0)
+  w_y = label_weights(y, hp, n, lp_y.dtype)
+  nll = jnp.where(counted, jnp.where(bad, jnp.nan, mul0(w_y, -lp_y)), 0.0)
   zero = jnp.zeros_like(nll)
-  st = Stats(zero, nll, counted, jnp.where(counted, w_y, 0.0), zero, zero,
-             bad)
-  return reduce_rows(st, hp, reduction), (lp, y, cmask, hp, st, lp_y)
+  st = RowStats(lse=zero, xent=nll, counted=counted,
+                mean_weight=jnp.where(counted, w_y, 0.0), target_mass=zero,
+                support_size=zero, nan_row=bad, shift=zero, log_sum=zero)
+  return reduce_rows(st, hp, reduction), (lp, y, class_mask, hp, st, lp_y)
 
 
 def _nll_bwd(reduction, res, g):
-  lp, y, cmask, hp, st, lp_y = res
-  c, _, mean = row_cotangents(st, reduction, g, True)
-  yc = jnp.clip(y, 0, lp.shape[-1] - 1)
-  w_y = label_weights(y, hp, lp.shape[-1], c.dtype)
-  onehot = jnp.arange(lp.shape[-1])[None, :] == y[:, None]
-  d = jnp.where(onehot, -(c * w_y)[:, None], 0.0)
-  if cmask is not None:
-    d = jnp.where(cmask, d, 0.0)
-  nan_row = st.counted & jnp.isnan(st.ce)
+  lp, y, class_mask, hp, st, lp_y = res
+  cot = row_cotangents(st, reduction, g, int_labels=True)
+  n = lp.shape[-1]
+  w_y = label_weights(y, hp, n, cot.xent.dtype)
+  onehot = jnp.arange(n)[None, :] == y[:, None]
+  d = jnp.where(onehot, -(cot.xent * w_y)[:, None], 0.0)
+  if class_mask is not None:
+    d = jnp.where(class_mask, d, 0.0)
+  nan_row = st.counted & jnp.isnan(st.xent)
   d = jnp.where(nan_row[:, None], jnp.nan, d)
   d_w = None
   if hp.class_weights is not None:
-    d_w = jax.ops.segment_sum(c * (-lp_y - mean), yc,
-                              num_segments=lp.shape[-1])
+    d_w = jax.ops.segment_sum(cot.xent * (-lp_y - cot.mean_xent),
+                              jnp.clip(y, 0, n - 1), num_segments=n)
     d_w = d_w.astype(hp.class_weights.dtype)
   return d.astype(lp.dtype), None, None, None, Hyper(class_weights=d_w)
 
@@ -969,12 +397,12 @@ def nll_loss(
     Array(0.6931472, dtype=float32)
   """
   _checks.check_reduction(reduction)
-  r = _to_rows(log_probs, labels, axis, where, ignore_index, check_labels,
-               name="log_probs")
-  if not r.is_int:
+  r = _checks.logit_rows(log_probs, labels, axis, where, ignore_index,
+                         check_labels, name="log_probs")
+  if not r.int_labels:
     raise TypeError("nll_loss takes integer labels; got dtype "
                     f"{jnp.asarray(labels).dtype}.")
-  hp = make_hyper(0.0, 0.0, None, class_weights, r.z.shape[-1],
-                  compute_dtype(r.z.dtype))
-  out = _nll_jit(reduction, r.z, r.target, r.row, r.cmask, hp)
+  hp = make_hyper(0.0, 0.0, None, class_weights, r.logits.shape[-1],
+                  compute_dtype(r.logits.dtype))
+  out = _nll_jit(reduction, r.logits, r.target, r.row_mask, r.class_mask, hp)
   return out.reshape(r.batch_shape) if reduction == "none" else out

@@ -46,15 +46,10 @@ import numpy as np
 from jax import lax
 
 from jax_softmax import _checks
-
-_NEG_INF = -jnp.inf
+from jax_softmax._numerics import NEG_INF as _NEG_INF
+from jax_softmax._numerics import compute_dtype, shift_exp
 
 Axis = int | tuple[int, ...] | None
-
-
-def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  """float32 for half-precision inputs, else the input's dtype."""
-  return jnp.result_type(dtype, jnp.float32)
 
 
 # --------------------------------------------------------------------------
@@ -65,11 +60,12 @@ class _Sums(NamedTuple):
   """One slice reduction, in the compute dtype; kept dims have size 1."""
 
   xs: jax.Array     # x, -inf off the entries summed (masked, b == 0)
-  m: jax.Array      # the shift: max of xs, 0 where that is not finite
+  shift: jax.Array  # m: max of xs, 0 where that is not finite
   empty: jax.Array  # bool: the support is empty (max of xs is -inf)
-  u: jax.Array      # exp(x - m) where ``where`` holds (b == 0 entries too)
-  e: jax.Array      # the summands: b * u on the support, 0 off it
-  s: jax.Array      # sum of e
+  exp: jax.Array    # exp(x - m) where ``where`` holds (b == 0 entries too)
+  terms: jax.Array  # the summands: b * exp on the support, 0 off it
+  total: jax.Array  # the sum of the terms
+  log_abs: jax.Array  # log |total|, to the last ulp for tiny non-max terms
 
 
 def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
@@ -85,15 +81,26 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
   xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
   top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
-  m = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-  u = jnp.exp(xa - m)
+  m, _, u = shift_exp(xa, lax.stop_gradient(top))
   if b is None:
     e = u
   else:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
     e = bw * jnp.where(b != 0, u, 0.0)
-  return _Sums(xs, m, top == _NEG_INF, u, e,
-               jnp.sum(e, axis=axes, keepdims=True))
+  # total = k + r, k the terms at the maximum (1 each without b): log k +
+  # log1p(r / k) keeps a tiny r (logsumexp([0, -20]) = 2.06e-9, where
+  # log(1 + r) rounds to 0).
+  at_top = xs == m
+  k = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
+  r = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
+  total = k + r
+  ok = (k > 0) & (r > -k)
+  k_ok = jnp.where(ok, k, 1.0)
+  log_abs = jnp.where(ok, jnp.log(k_ok) + jnp.log1p(jnp.where(ok, r, 0.0) /
+                                                    k_ok),
+                      jnp.log(jnp.abs(total)))
+  return _Sums(xs=xs, shift=m, empty=top == _NEG_INF, exp=u, terms=e,
+               total=total, log_abs=log_abs)
 
 
 def _nan_where(bad: jax.Array, v: jax.Array) -> jax.Array:
@@ -185,7 +192,7 @@ def _softmax(x, axes, mask):
 
 def _softmax_fwd(x, axes, mask):
   st = _sums(x, axes, mask)
-  y = _normalize(st.u, st.s).astype(x.dtype)
+  y = _normalize(st.exp, st.total).astype(x.dtype)
   return y, y
 
 
@@ -249,8 +256,8 @@ def _log_softmax(x, axes, mask):
 def _log_softmax_fwd(x, axes, mask):
   st = _sums(x, axes, mask)
   # s == 0: empty support, every entry is -inf already.
-  out = st.xs - st.m - jnp.log(jnp.where(st.s == 0, 1.0, st.s))
-  out = _nan_where(~jnp.isfinite(st.s), out)
+  out = st.xs - st.shift - jnp.where(st.total == 0, 0.0, st.log_abs)
+  out = _nan_where(~jnp.isfinite(st.total), out)
   # The residual: the output, except that support entries which overflow
   # to -inf in x's dtype hold its lowest finite value instead. exp() of
   # either is 0, but the backward can tell them from masked entries.
@@ -327,16 +334,17 @@ def _logsumexp(x, b, mask, axes, keepdims, return_sign):
 
 def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
   st = _sums(x, axes, mask, b)
-  s = st.s
+  s = st.total
   # Without return_sign a negative sum gives log(s) = NaN, as jax.nn.
-  lse = st.m + jnp.log(jnp.abs(s) if return_sign else s)
+  lse = st.shift + (st.log_abs if return_sign else
+                    jnp.where(s < 0, jnp.log(s), st.log_abs))
   # Gradients: NaN where the sum cancels to exactly 0 on a non-empty
   # support (a pole of log|s|) or is negative without return_sign.
   bad = (s == 0) & ~st.empty
   if not return_sign:
     bad = bad | (s < 0)
-  p = _normalize(st.e, s, bad)                              # d lse / d x
-  q = None if b is None else _normalize(st.u, s, bad)       # d lse / d b
+  p = _normalize(st.terms, s, bad)                              # d lse / d x
+  q = None if b is None else _normalize(st.exp, s, bad)       # d lse / d b
   outs = (lse, jnp.sign(s)) if return_sign else (lse,)
   outs = tuple((o if keepdims else jnp.squeeze(o, axis=axes)).astype(x.dtype)
                for o in outs)

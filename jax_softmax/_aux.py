@@ -1,0 +1,81 @@
+"""Per-row by-products of a loss (:class:`LossAux`) and their gradients."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax._kernel import Classes, Hyper, support_logits
+from jax_softmax._numerics import NEG_INF, shift_exp
+
+
+class LossAux(NamedTuple):
+  """Per-row by-products of a loss, all of the batch shape.
+
+  Filled for every row, uncounted ones included (``correct`` is False
+  there). ``lse`` and ``entropy`` are differentiable; ``argmax`` and
+  ``correct`` are not.
+
+  Attributes:
+    lse: log-sum-exp of the (capped, masked) logits; ``-inf`` for a row
+      with an empty support.
+    entropy: entropy ``-sum_c p_c log p_c`` of the softmax distribution.
+    argmax: first index of the maximum of the raw (masked) logits.
+    correct: ``argmax == label`` (the target's argmax for probability
+      targets) on counted rows, False elsewhere.
+  """
+
+  lse: jax.Array
+  entropy: jax.Array
+  argmax: jax.Array
+  correct: jax.Array
+
+
+def _log_probs(z, class_mask, hp: Hyper, classes: Classes):
+  """Capped logits, support, ``log p`` (0 off the support) and ``lse`` of
+  every row, counted or not; an empty row has ``lse = -inf`` and no
+  support. No NaN or ``0 * inf`` is formed on the way."""
+  zc = support_logits(z, class_mask, hp)
+  valid = zc != NEG_INF
+  m, shifted, e = shift_exp(zc, classes.max(zc)[:, None])
+  log_s = jnp.log(classes.sum(e))
+  safe = jnp.where(log_s == NEG_INF, 0.0, log_s)[:, None]
+  log_p = jnp.where(valid, shifted - safe, 0.0)
+  return zc, valid, log_p, m[:, 0] + log_s
+
+
+def row_aux(z, target, counted, class_mask, hp: Hyper, *, int_labels: bool,
+            classes: Classes) -> LossAux:
+  """:class:`LossAux` of a ``(rows, C)`` block (one more pass over it).
+
+  A row with an empty support has ``lse = -inf`` and entropy 0 (the
+  entropy of no outcome; its gradient is 0 too)."""
+  _, valid, log_p, lse = _log_probs(z, class_mask, hp, classes)
+  p = jnp.where(valid, jnp.exp(log_p), 0.0)
+  entropy = -classes.sum(p * log_p)
+  raw = z if class_mask is None else jnp.where(class_mask, z, NEG_INF)
+  top = classes.argmax(raw)
+  want = target if int_labels else jnp.argmax(target, axis=-1)
+  return LossAux(lse, entropy, top, counted & (top == want))
+
+
+def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
+             classes: Classes):
+  """``d (sum g_lse * lse + sum g_ent * entropy) / d z`` for a block.
+
+  ``d lse / d z = p`` and ``d H / d z = -p (log p + H)``, on the support.
+  ``g_lse`` / ``g_ent`` are ``(rows,)`` cotangents or None (zero).
+  """
+  zc, valid, log_p, _ = _log_probs(z, class_mask, hp, classes)
+  p = jnp.where(valid, jnp.exp(log_p), 0.0)
+  g = jnp.zeros_like(p)
+  if g_lse is not None:
+    g = g + g_lse[:, None] * p
+  if g_ent is not None:
+    g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
+  if hp.soft_cap is not None:
+    g = g * jnp.where(valid, 1 - jnp.square(zc / hp.soft_cap), 0.0)
+  return jnp.where(valid, g, 0.0)
+

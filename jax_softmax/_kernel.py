@@ -1,0 +1,407 @@
+"""The row kernel: one definition of the cross-entropy numerics.
+
+Every loss of the package applies these functions to a 2-D block of logits
+``(rows, classes)``, class axis last: :func:`cross_entropy` to all rows at
+once, the linear model to its product, the fused loss to one chunk at a
+time. The contract:
+
+* :func:`row_stats` -> :class:`RowStats` (forward pass, per row);
+* :func:`grad_logits`, :func:`grad_target`, :func:`grad_hyper` (backward,
+  given per-row cotangents from :mod:`jax_softmax._reduce`);
+* a ``classes`` object (:class:`Classes`, or the vocabulary-sharded one of
+  :mod:`jax_softmax._sharded`) does every max/sum/take over the class axis.
+
+Notation for one row: logits ``z`` (after the soft cap), support
+``S = {c : z_c > -inf and not masked}``, ``K = |S|``, ``m = max z``,
+``log_s = log sum_S exp(z - m)``, ``lse = m + log_s``,
+``nll_c = log_s - (z_c - m) = -log p_c`` (never ``lse - z_c``: that
+difference of two large numbers loses precision at ``|z| ~ 1e3``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax import _checks
+from jax_softmax._numerics import (
+    NEG_INF,
+    clean_rows,
+    compute_dtype,
+    mul0,
+    shift_exp,
+    soft_cap,
+)
+
+
+class Hyper(NamedTuple):
+  """Loss hyperparameters; ``None`` means off (and costs nothing)."""
+
+  label_smoothing: jax.Array | None = None
+  z_loss: jax.Array | None = None
+  soft_cap: jax.Array | None = None
+  class_weights: jax.Array | None = None
+
+
+def make_hyper(label_smoothing, z_loss, cap, class_weights,
+               num_classes: int, dtype) -> Hyper:
+  """Validates hyperparameters; a literal 0 / None switches a term off.
+
+  ``label_smoothing`` must lie in ``[0, 1]``, ``z_loss`` be non-negative
+  and ``cap`` (``soft_cap``) positive (None is no cap), all finite; traced
+  values are not checked.
+  """
+
+  def scalar(v, name, **bounds):
+    if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and v == 0 and name != "soft_cap"):
+      return None
+    return _checks.scalar_param(v, name, dtype, **bounds)
+
+  cw = None
+  if class_weights is not None:
+    cw = _checks.class_weights(class_weights, num_classes, dtype)
+  return Hyper(scalar(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+               scalar(z_loss, "z_loss", low=0.0),
+               scalar(cap, "soft_cap", low=0.0, low_open=True), cw)
+
+
+class Classes:
+  """The class axis of a ``(rows, C)`` block, held whole on this device.
+
+  Every reduction over classes goes through this object, so that the
+  vocabulary-sharded subclass (:mod:`jax_softmax._sharded`) changes them
+  all at once. Labels are global class ids; ``offset`` is the first one
+  held here.
+  """
+
+  def __init__(self, n_local: int):
+    self.n_local = n_local
+    self.num_classes = n_local
+    self.offset: jax.Array | int = 0
+
+  def max(self, x):
+    return jnp.max(x, axis=-1)
+
+  def sum(self, x):
+    return jnp.sum(x, axis=-1)
+
+  def total(self, x):
+    """A scalar's sum over the shards of the class axis."""
+    return x
+
+  def ids(self):
+    """The global ids of the classes held here, ``(C,)``."""
+    return jnp.arange(self.n_local) + self.offset
+
+  def take(self, a, y):
+    """``a[row, y[row]]`` for global ids ``y`` (0 for out-of-range ids)."""
+    local = y - self.offset
+    v = jnp.take_along_axis(
+        a, jnp.clip(local, 0, self.n_local - 1)[:, None], -1)[:, 0]
+    return self.sum(jnp.where((local >= 0) & (local < self.n_local), v,
+                              0.0)[:, None])
+
+  def weights(self, hp: Hyper) -> Hyper:
+    """``hp`` with the class weights of the classes held here."""
+    return hp
+
+  def scatter(self, d_local):
+    """A ``(C,)`` vector of the classes held here as ``(num_classes,)``."""
+    return d_local
+
+  def argmax(self, raw):
+    """First global index of each row's maximum."""
+    return jnp.argmax(raw, axis=-1)
+
+
+def weighted(x, hp: Hyper):
+  """``x * class_weights`` broadcast over rows, or ``x`` without weights."""
+  if hp.class_weights is None:
+    return x
+  return x * hp.class_weights.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def label_weights(y, hp: Hyper, num_classes: int, dtype):
+  """``class_weights[y]`` per row (labels clipped into range: a bad label's
+  row is NaN anyway), or ones without class weights."""
+  one = jnp.ones(y.shape, dtype)
+  if hp.class_weights is None:
+    return one
+  return one * hp.class_weights[jnp.clip(y, 0, num_classes - 1)]
+
+
+class RowStats(NamedTuple):
+  """Per-row results of the forward pass, all shape ``(rows,)``.
+
+  Attributes:
+    lse: log-sum-exp of the capped logits (0 on uncounted rows).
+    xent: cross-entropy term of the row's loss (0 on uncounted rows).
+    counted: bool, the row enters the loss.
+    mean_weight: the row's share of the ``"mean"`` denominator.
+    target_mass: total target weight ``a``: ``d xent / d z = a p - t_w``.
+    support_size: ``K = |S|`` (label smoothing spreads over it).
+    nan_row: bool, a counted row whose loss is NaN by rule (a bad label, or
+      ``+inf`` among its logits).
+    shift: the row maximum ``m`` (0 on uncounted rows).
+    log_sum: ``log sum_S exp(z - m)``: ``p = exp(z - m - log_sum)``.
+    exp: ``(rows, C)`` ``exp(z - m)`` when kept for the backward pass.
+  """
+
+  lse: jax.Array
+  xent: jax.Array
+  counted: jax.Array
+  mean_weight: jax.Array
+  target_mass: jax.Array
+  support_size: jax.Array
+  nan_row: jax.Array
+  shift: jax.Array
+  log_sum: jax.Array
+  exp: jax.Array | None = None
+
+
+def support_logits(z, class_mask, hp: Hyper):
+  """Capped logits in the compute dtype, ``-inf`` off the support."""
+  zc = z.astype(compute_dtype(z.dtype))
+  if hp.soft_cap is not None:
+    zc = soft_cap(zc, hp.soft_cap)
+  if class_mask is not None:
+    zc = jnp.where(class_mask, zc, NEG_INF)
+  return zc
+
+
+def smoothed_target(t, valid, k, eps):
+  """``(1 - eps) t + eps / K`` on the support (``t`` without smoothing)."""
+  t = t.astype(k.dtype)
+  if eps is None:
+    return t
+  return (1 - eps) * t + eps * valid / k[:, None]
+
+
+def row_stats(z, target, row, class_mask, hp: Hyper, *, int_labels: bool,
+              classes: Classes, keep_exp: bool = False) -> RowStats:
+  """Forward pass over a ``(rows, C)`` block.
+
+  Args:
+    z: ``(rows, C)`` logits, any floating dtype.
+    target: ``(rows,)`` integer labels or ``(rows, C)`` probabilities.
+    row: ``(rows,)`` bool, False for rows masked out or ``ignore_index``.
+    class_mask: ``(rows, C)`` bool class mask, or None.
+    hp: hyperparameters.
+    int_labels: whether ``target`` holds class indices.
+    classes: the class axis (whole, or split over a mesh axis).
+    keep_exp: keep ``exp(z - m)`` for the backward pass. XLA writes it out
+      for the sum anyway; keeping it saves the backward an ``exp`` per
+      entry (but holds a ``(rows, C)`` float32 array until then).
+  """
+  zc = support_logits(z, class_mask, hp)
+  top = classes.max(zc)
+  counted = row & (top != NEG_INF)            # NaN rows stay counted
+  zc = jnp.where(counted[:, None], zc, 0.0)   # uncounted rows: harmless zeros
+  m, shifted, e = shift_exp(zc, jnp.where(counted, top, 0.0)[:, None])
+  valid = zc != NEG_INF
+  k = classes.sum(valid.astype(zc.dtype))
+  poisoned = counted & (top == jnp.inf)
+  terms = (_int_label_terms if int_labels else _target_terms)(
+      zc, shifted, e, valid, k, target, counted, hp, classes)
+  log_s, xent, mass, weight, bad = terms
+  nan_row = poisoned | bad
+  xent = jnp.where(counted, jnp.where(nan_row, jnp.nan, xent), 0.0)
+  lse = jnp.where(poisoned, jnp.nan, m[:, 0] + log_s)
+  return RowStats(
+      lse=jnp.where(counted, lse, 0.0), xent=xent,
+      counted=counted, mean_weight=weight, target_mass=mass,
+      support_size=k, nan_row=nan_row, shift=m[:, 0],
+      log_sum=jnp.where(counted, log_s, 0.0), exp=e if keep_exp else None)
+
+
+def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
+  """``(log_s, xent, target_mass, mean_weight, bad)`` for integer labels.
+
+  The sum of ``exp(z - m)`` is ``r_y + e_y``, ``r_y`` over the classes other
+  than the label: ``nll_y = log(1 + r_y / e_y)`` keeps a tiny ``r_y`` (a
+  confident row: ``[20, 0]`` with label 0 gives 2.06e-9, where
+  ``log_s - z_y`` rounds to 0). Where ``e_y`` underflows, ``log_s - z_y``
+  (no cancellation there).
+  """
+  bad = counted & ((y < 0) | (y >= classes.num_classes))
+  z_y = classes.take(shifted, y)
+  not_y = classes.ids()[None, :] != y[:, None]
+  r_y = classes.sum(jnp.exp(jnp.where(not_y, shifted, NEG_INF)))
+  e_y = jnp.exp(z_y)
+  log_s = jnp.log(r_y + e_y)
+  near = z_y > -20.0
+  nll_y = jnp.where(near, jnp.log1p(r_y / jnp.where(near, e_y, 1.0)),
+                    log_s - z_y)
+  w_y = label_weights(y, hp, classes.num_classes, zc.dtype)
+  xent = mul0(w_y, jnp.where(bad, jnp.nan, nll_y))
+  mass = w_y
+  eps = hp.label_smoothing
+  if eps is not None:
+    # (eps / K) sum_S w_c nll_c = (W_S log_s - sum_S w_c (z_c - m)) / K
+    local = classes.weights(hp)
+    w_s = classes.sum(weighted(valid.astype(zc.dtype), local))
+    wz = classes.sum(weighted(jnp.where(valid, shifted, 0.0), local))
+    xent = mul0(1 - eps, xent) + eps * (w_s * log_s - wz) / k
+    mass = (1 - eps) * w_y + eps * w_s / k
+  return log_s, xent, mass, jnp.where(counted, w_y, 0.0), bad
+
+
+def _target_terms(zc, shifted, e, valid, k, target, counted, hp, classes):
+  """``(log_s, xent, target_mass, mean_weight, bad)`` for probabilities."""
+  log_s = jnp.log(classes.sum(e))
+  q = smoothed_target(clean_rows(target, counted), valid, k,
+                      hp.label_smoothing)
+  wq = weighted(q, hp)
+  xent = jnp.sum(mul0(wq, log_s[:, None] - shifted), axis=-1)
+  return (log_s, xent, jnp.sum(wq, axis=-1), counted.astype(zc.dtype),
+          jnp.zeros_like(counted))
+
+
+def probs(z, class_mask, hp: Hyper, st: RowStats):
+  """Capped logits, ``p`` and ``-log p``, recomputed from the row stats.
+
+  ``p = exp((z - m) - log_s)``, never ``exp(z - lse)``: ``lse`` rounded to
+  float32 would shift every exponent by up to ``|lse| * 2**-24``.
+  """
+  zc = support_logits(z, class_mask, hp)
+  zc = jnp.where(st.counted[:, None], zc, 0.0)
+  nll = st.log_sum[:, None] - (zc - st.shift[:, None])
+  return zc, jnp.exp(-nll), nll
+
+
+class RowCotangents(NamedTuple):
+  """Per-row cotangents of a reduced loss, ``(rows,)`` (0 if uncounted).
+
+  Attributes:
+    xent: of the cross-entropy terms (the reduction's scale included).
+    z_loss: of the z-loss terms.
+    mean_xent: the cross-entropy mean where the class weights enter the
+      denominator (``"mean"`` with integer labels), else 0: a scalar.
+  """
+
+  xent: jax.Array
+  z_loss: jax.Array
+  mean_xent: jax.Array
+
+
+def _grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
+                 cot: RowCotangents, classes: Classes):
+  """``d loss / d zc`` with respect to the capped logits ``zc`` (which
+  may be None when there is no smoothing: only the support needs it)."""
+  eps = hp.label_smoothing
+  coef = cot.xent * st.target_mass
+  if hp.z_loss is not None:
+    coef = coef + cot.z_loss * 2 * hp.z_loss * st.lse
+  if int_labels:
+    onehot = classes.ids()[None, :] == target[:, None]
+    ones = weighted(jnp.ones_like(p), classes.weights(hp))
+    target_w = jnp.where(onehot, ones, 0.0)
+    if eps is not None:
+      support = jnp.where(zc != NEG_INF, ones, 0.0)
+      target_w = (1 - eps) * target_w + eps * support / st.support_size[
+          :, None]
+  else:
+    valid = None if eps is None else zc != NEG_INF
+    target_w = weighted(smoothed_target(target, valid, st.support_size, eps),
+                        hp)
+  return coef[:, None] * p - cot.xent[:, None] * target_w
+
+
+def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
+                cot: RowCotangents, *, int_labels: bool, classes: Classes):
+  """``d loss / d z`` for a block, in the compute dtype.
+
+  Exactly 0 on uncounted rows and masked classes, NaN on ``nan_row`` rows.
+  """
+  if (st.exp is not None and hp.label_smoothing is None
+      and hp.soft_cap is None):
+    # p from the kept exp(z - m): no second exp, no read of z.
+    zc, p = None, st.exp * jnp.exp(-st.log_sum)[:, None]
+  else:
+    zc, p, _ = probs(z, class_mask, hp, st)
+  g = _grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
+  if hp.soft_cap is not None:
+    assert zc is not None  # the kept-exp shortcut excludes a soft cap
+    g = g * jnp.where(zc != NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
+  keep = st.counted[:, None]
+  if class_mask is not None:
+    keep = keep & class_mask
+  g = jnp.where(keep, g, 0.0)
+  return jnp.where(st.nan_row[:, None], jnp.nan, g)
+
+
+def grad_target(z, class_mask, hp: Hyper, st: RowStats, cot: RowCotangents):
+  """``d loss / d t`` for probability targets: ``(1-eps) w_c nll_c`` on the
+  support, 0 off it and on uncounted rows."""
+  zc, _, nll = probs(z, class_mask, hp, st)
+  scale = 1.0 if hp.label_smoothing is None else 1 - hp.label_smoothing
+  dt = cot.xent[:, None] * scale * weighted(nll, hp)
+  return jnp.where((zc != NEG_INF) & st.counted[:, None], dt, 0.0)
+
+
+def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
+               cot: RowCotangents, *, int_labels: bool, classes: Classes
+               ) -> Hyper:
+  """Gradients of the loss with respect to the hyperparameters.
+
+  Under ``jit`` XLA drops the ones that are not used. With a sharded
+  ``classes`` they are those of the whole vocabulary (summed over shards).
+  """
+  zc, p, nll = probs(z, class_mask, hp, st)
+  valid = zc != NEG_INF
+  nll = jnp.where(valid, nll, 0.0)
+  rows = jnp.where(st.counted, cot.xent, 0.0)
+  nll_y = None
+  if int_labels:
+    nll_y = jnp.where(st.nan_row, jnp.nan, classes.take(nll, target))
+  d_eps = d_z = d_cap = d_w = None
+  if hp.label_smoothing is not None:
+    d_eps = jnp.sum(rows * _smoothing_slope(nll, nll_y, target, valid, hp,
+                                            st, classes))
+  if hp.z_loss is not None:
+    d_z = jnp.sum(jnp.where(st.counted, (cot.z_loss * st.lse) * st.lse, 0.0))
+  if hp.soft_cap is not None:
+    g = _grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
+    # d zc / d cap for zc = cap * tanh(z / cap).
+    keep = valid & st.counted[:, None]
+    u = jnp.where(keep, z.astype(zc.dtype), 0.0) / hp.soft_cap
+    th = jnp.tanh(u)
+    d_cap = classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
+        1 - jnp.square(th))), 0.0)))
+  if hp.class_weights is not None:
+    d_w = _class_weight_grad(nll, nll_y, target, valid, rows, hp, st, cot,
+                             classes).astype(hp.class_weights.dtype)
+  return Hyper(d_eps, d_z, d_cap, d_w)
+
+
+def _smoothing_slope(nll, nll_y, target, valid, hp, st, classes):
+  """``d xent / d eps`` per row (0 on uncounted rows)."""
+  k = st.support_size
+  if nll_y is not None:
+    w_y = label_weights(target, hp, classes.num_classes, nll.dtype)
+    smooth = classes.sum(weighted(nll, classes.weights(hp))) / k
+    return jnp.where(st.counted, smooth - w_y * nll_y, 0.0)
+  dq = valid / k[:, None] - target
+  return jnp.where(st.counted, jnp.sum(weighted(dq * nll, hp), axis=-1), 0.0)
+
+
+def _class_weight_grad(nll, nll_y, target, valid, rows, hp, st,
+                       cot: RowCotangents, classes: Classes):
+  """``d loss / d class_weights``, ``(num_classes,)``."""
+  eps = hp.label_smoothing
+  k = st.support_size
+  if nll_y is None:
+    q = smoothed_target(target, valid, k, eps)
+    return jnp.sum(rows[:, None] * mul0(q, nll), 0)
+  keep = 1.0 if eps is None else 1 - eps
+  per_y = rows * (keep * nll_y - cot.mean_xent)
+  n = classes.num_classes
+  d_w = jax.ops.segment_sum(per_y, jnp.clip(target, 0, n - 1),
+                            num_segments=n)
+  if eps is not None:
+    d_w = d_w + classes.scatter(jnp.sum(rows[:, None] * eps * nll /
+                                        k[:, None], 0))
+  return d_w

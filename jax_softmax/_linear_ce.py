@@ -1,0 +1,158 @@
+"""``linear_cross_entropy``: validation and dispatch of the fused loss.
+
+The chunk loop itself is :mod:`jax_softmax._fused`; the mesh handling
+:mod:`jax_softmax._sharded`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jax_softmax import _checks, _sharded
+from jax_softmax._aux import LossAux
+from jax_softmax._fused import Config, local_loss
+from jax_softmax._kernel import make_hyper
+from jax_softmax._numerics import compute_dtype, matmul_policy
+
+
+def linear_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    label_smoothing: jax.typing.ArrayLike = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: jax.typing.ArrayLike = 0.0,
+    soft_cap: jax.typing.ArrayLike | None = None,
+    grad_in_forward: bool | None = None,
+    axis_name: str | None = None,
+    batch_axis_name: str | None = None,
+    return_aux: bool = False,
+    w_layout: str = "dv",
+) -> jax.Array | tuple[jax.Array, LossAux]:
+  r"""``cross_entropy(x @ w + bias, labels, ...)`` without the logits.
+
+  Same value and gradients as :func:`cross_entropy` on the logits
+  ``z = x @ w + bias`` for every option, but the ``(batch, V)`` logits are
+  never held: rows are processed in chunks of ``chunk_size``, and a chunk's
+  ``(chunk, V)`` logits, softmax and gradient live only inside one step.
+
+  Cost. For ``"mean"``/``"sum"`` the gradient is computed in the forward
+  pass: ``x w``, ``g w^T`` and ``x^T g`` per chunk, the three-matmul floor
+  ``6 b d V`` FLOPs; residuals are ``dx``, ``dw``, ``dbias``. With
+  ``reduction="none"`` (per-row cotangents are honoured),
+  ``grad_in_forward=False`` (small residuals: ``x``, ``w``, ``(b,)``
+  statistics, e.g. under remat), or differentiated hyperparameters, the
+  backward pass recomputes the logits (four matmuls). A call that is not
+  differentiated computes the loss only. A frozen ``x`` or ``w`` skips its
+  gradient matmul.
+
+  Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
+  float32 ``dw`` accumulator ``(d, V)`` and ``dx`` ``(b, d)`` (and, on
+  XLA's CPU backend when a ``(d, V)`` ``w`` is differentiated, a
+  transposed copy of ``x`` for ``dw``'s matmul); ``chunk_size=None`` picks
+  ``chunk`` from ``CHUNK_BUDGET_BYTES`` (128 MiB). Any ``b`` works: a
+  batch that no chunk divides is padded (a copy of ``x``, never of ``w``),
+  a ``chunk_size`` above the batch is clamped to it, and an empty batch
+  gives 0 (``"none"``: an empty array) with zero gradients.
+
+  Sharding. Under ``jit`` with the batch split over mesh axes: on
+  ``Explicit`` axes each device runs the chunk loop on its own rows; on
+  ``Auto`` axes the strided chunks keep each device on its own rows when
+  the chunk is a multiple of the number of batch shards and divides the
+  batch (else the padded batch is gathered: exact, but slower). Inside
+  ``shard_map`` use ``axis_name`` / ``batch_axis_name``.
+
+  Precision: matmuls take the inputs' dtype with float32 accumulation
+  (``preferred_element_type``); the softmax math, ``dw`` and ``dbias``
+  accumulate in float32; gradients come back in their inputs' dtypes, the
+  loss in ``result_type(x, float32)``. Exception: when the default backend
+  is XLA's CPU, which has no half-precision matmul, half-precision
+  operands are converted to float32 once per pass (one float32 copy of
+  ``w``) and the matmuls run in float32 (so ``dz`` is not rounded to the
+  input dtype there).
+
+  Args:
+    x: ``(..., d)`` features (leading batch dimensions allowed).
+    w: ``(d, V)`` weights, or ``(V, d)`` with ``w_layout="vd"``.
+    labels: integer labels of ``x``'s batch shape.
+    bias: optional ``(V,)``; a ``-inf`` entry masks that vocabulary slot.
+    chunk_size: rows per chunk, or None for the memory budget.
+    reduction, where, ignore_index, label_smoothing, class_weights: as in
+      :func:`cross_entropy` (``where`` is a row mask of the labels' shape).
+    z_loss, soft_cap: as in :func:`cross_entropy`.
+    grad_in_forward: None chooses (True for scalar reductions); False
+      forces recomputation in the backward pass; True with
+      ``reduction="none"`` is an error.
+    axis_name: inside ``jax.shard_map``, the mesh axis over which ``w``
+      (and ``bias``) are split on ``V``; labels are global ids. Per-row max
+      and sums combine with ``pmax``/``psum`` (a few ``(chunk,)``
+      collectives per chunk, never an all-gather; differentiated class
+      weights with smoothing add a ``(V,)`` psum), smoothing and z-loss
+      run over the global vocabulary, and ``dx`` is summed over the axis.
+      Gradients need ``check_vma=True`` (shard_map's default; an error
+      otherwise).
+    batch_axis_name: inside ``jax.shard_map``, the mesh axis splitting the
+      batch: ``"mean"``/``"sum"`` then reduce over the global batch (the
+      result is replicated) and ``dw`` is summed over it.
+    return_aux: also return a :class:`LossAux` (per-row ``lse``,
+      ``entropy``, ``argmax``, ``correct``), formed in the same pass over
+      the chunks. When only the loss is differentiated the three-matmul
+      path is kept; non-zero aux cotangents add one recomputing sweep.
+    w_layout: ``"dv"`` (the default) or ``"vd"``: ``w`` is a ``(V, d)``
+      tied embedding, the loss is that of ``x @ w.T`` and ``w``'s gradient
+      comes out ``(V, d)``, neither transposed nor copied (beyond the
+      half-precision conversion on CPU above). Passing
+      ``emb.T`` as a ``(d, V)`` ``w`` gives the same values, but on XLA's
+      CPU backend (whose matmuls take row-major operands) a loop over
+      several chunks costs one transposed copy of ``w`` per call and one
+      of its gradient.
+
+  Returns:
+    A scalar, or the per-row loss of the labels' shape for ``"none"``.
+    Special values follow :func:`cross_entropy`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_softmax import cross_entropy, linear_cross_entropy
+    >>> x = jax.random.normal(jax.random.key(0), (10, 4))
+    >>> w = jax.random.normal(jax.random.key(1), (4, 50))
+    >>> y = jnp.arange(10)
+    >>> fused = linear_cross_entropy(x, w, y, chunk_size=4)
+    >>> bool(jnp.allclose(fused, cross_entropy(x @ w, y)))
+    True
+  """
+  _checks.check_reduction(reduction)
+  _checks.check_grad_in_forward(grad_in_forward, reduction)
+  chunk_size = _checks.check_chunk_size(chunk_size)
+  x, w, vocab_major = _checks.linear_inputs(x, w, w_layout)
+  vocab = w.shape[0] if vocab_major else w.shape[1]  # this device's slice
+  global_vocab = vocab * _sharded.axis_size(axis_name,
+                                            "linear_cross_entropy")
+  _sharded.axis_size(batch_axis_name, "linear_cross_entropy")
+  bias = _checks.bias(bias, vocab)
+  labels, row = _checks.int_label_rows(labels, x.shape[:-1], where,
+                                       ignore_index, global_vocab)
+  hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
+                  global_vocab, compute_dtype(x.dtype))
+  cfg = Config(reduction, chunk_size or 0, grad_in_forward,
+                matmul_policy(x.dtype), return_aux, axis_name,
+                batch_axis_name, vocab_major=vocab_major,
+                untyped_mesh=_sharded.check_mesh_axes(
+                    axis_name, batch_axis_name, x, w, labels))
+  lead = None
+  if axis_name is None and batch_axis_name is None:
+    lead = _sharded.explicit_batch_spec(x, w, bias)
+  if lead is None:
+    return local_loss(cfg, x, w, bias, labels, row, hp)
+  # Explicit mesh axes shard the batch: each device runs the chunk loop on
+  # its own rows, reductions psum over those axes.
+  return _sharded.map_explicit_batch(
+      lambda axes, *args: local_loss(cfg._replace(batch_axes=axes), *args),
+      lead, x, w, bias, labels, row, hp, per_row=reduction == "none",
+      aux_type=LossAux, return_aux=return_aux)

@@ -1,0 +1,95 @@
+"""The numerics policy shared by every function of the package.
+
+* :func:`compute_dtype`: half-precision inputs are computed in float32.
+* :func:`shift_exp`: the one stable exponential, ``exp(x - m)`` with ``m``
+  the slice maximum (0 where that is not finite).
+* :func:`mul0`, :func:`clean_rows`, :func:`soft_cap`: the special-value
+  rules (``0 * inf = 0`` for a zero coefficient, uncounted rows hold 0,
+  ``-inf`` stays ``-inf`` under the cap).
+* :class:`MatmulPolicy`: what the backend's matmuls want (operand dtype,
+  plain row-major products), one explicit object that tests can set.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for half-precision inputs, else the input's dtype."""
+  return jnp.result_type(dtype, jnp.float32)
+
+
+def shift_exp(x: jax.Array, top: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(m, x - m, exp(x - m))`` for the slice maximum ``top``.
+
+  ``top`` must broadcast against ``x`` (kept dimensions). ``m`` is ``top``
+  where it is finite and 0 elsewhere: an empty slice (``top = -inf``) gives
+  ``exp = 0`` without forming ``-inf - -inf``, and a slice holding NaN or
+  ``+inf`` keeps it in ``x - m`` (its sums are NaN or ``+inf``). Every
+  result built from ``x - m`` and a log of its sum is invariant to ``m``.
+  """
+  m = jnp.where(jnp.isfinite(top), top, 0.0)
+  shifted = x - m
+  return m, shifted, jnp.exp(shifted)
+
+
+def mul0(a, b):
+  """``a * b`` with ``0 * inf = 0``: a term whose coefficient is 0 drops
+  out of the loss even where ``b = -log p`` is ``+inf`` (a masked target
+  under ``label_smoothing=1`` or a zero class weight), as in the formulas.
+  NaN stays NaN. Written as a product so that its derivative in ``a`` is
+  ``b`` (second-order gradients through targets)."""
+  return a * jnp.where((a == 0) & (b == jnp.inf), 0.0, b)
+
+
+def clean_rows(a, counted):
+  """``a`` with the rows that are not counted set to 0: what an uncounted
+  row holds (NaN, inf) never reaches a sum, nor a gradient through one."""
+  return jnp.where(counted.reshape(counted.shape + (1,) * (a.ndim - 1)), a,
+                   0)
+
+
+def soft_cap(z, cap):
+  """``cap * tanh(z / cap)``, ``-inf`` kept. Where ``|z / cap| < 2**-12``
+  that equals ``z`` to within half an ulp (``tanh u = u (1 - u**2 / 3 +
+  ...)``), and ``z`` itself is returned: a huge cap (``1e38``, where
+  ``z / cap`` underflows) is no cap."""
+  u = z / cap
+  capped = jnp.where(jnp.abs(u) < 2.0**-12, z, cap * jnp.tanh(u))
+  return jnp.where(z == NEG_INF, NEG_INF, capped)
+
+
+class MatmulPolicy(NamedTuple):
+  """How the fused loss lays out its matmuls for a backend and dtype.
+
+  Attributes:
+    upcast: run the matmuls in float32, converting half-precision operands
+      once per pass (one float32 copy of ``w``), instead of in the input
+      dtype with float32 accumulation.
+    plain_products: materialise ``x^T`` (a ``(d, b)`` copy per pass) so
+      that ``dw``'s matmul is a plain row-major product: XLA's CPU backend
+      runs those through its fast (YNNPACK) path, and a transposed operand
+      through a slower kernel. GPU and TPU matmuls take either layout.
+  """
+
+  upcast: bool
+  plain_products: bool
+
+
+def matmul_policy(dtype, backend: str | None = None) -> MatmulPolicy:
+  """The policy for ``dtype`` on ``backend`` (default: JAX's default).
+
+  On ``"cpu"``: plain products, and half precision upcast (XLA's CPU
+  backend converts a half-precision operand to float32 inside every dot
+  otherwise, twice per chunk). Elsewhere: the input dtype, as given.
+  """
+  on_cpu = (backend or jax.default_backend()) == "cpu"
+  half = jnp.dtype(dtype).itemsize < 4
+  return MatmulPolicy(upcast=on_cpu and half, plain_products=on_cpu)

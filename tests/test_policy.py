@@ -1,0 +1,163 @@
+"""The backend policy of the fused loss, run every way on the CPU.
+
+The matmul layout of ``linear_cross_entropy`` depends on the backend
+(``jax_softmax._numerics.matmul_policy``). Each test here forces every
+policy, so the code paths a GPU or TPU takes run in this suite too, and
+checks values and gradients against the float64 reference.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+
+import jax_softmax as js
+from jax_softmax import _linear_ce
+from jax_softmax._numerics import MatmulPolicy, matmul_policy
+
+POLICIES = [MatmulPolicy(upcast=u, plain_products=p)
+            for u in (False, True) for p in (False, True)]
+
+
+def test_matmul_policy_per_backend_and_dtype():
+  for dtype in (jnp.float32, jnp.float64):
+    assert matmul_policy(dtype, "cpu") == MatmulPolicy(False, True)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    assert matmul_policy(dtype, "cpu") == MatmulPolicy(True, True)
+  for backend in ("gpu", "tpu"):
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+      assert matmul_policy(dtype, backend) == MatmulPolicy(False, False)
+
+
+def _data(dtype, b=24, d=8, v=50):
+  k = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(k[0], (b, d)).astype(dtype)
+  w = jax.random.normal(k[1], (d, v)).astype(dtype)
+  bias = jax.random.normal(k[2], (v,)).astype(dtype)
+  y = jax.random.randint(k[3], (b,), 0, v)
+  return x, w, bias, y
+
+
+def _reference(x, w, bias, y, **kw):
+  """Loss, dx, dw, dbias in float64 NumPy from the reference's logit
+  gradient (``dx = g w^T``, ``dw = x^T g``)."""
+  x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, bias))
+  z = x64 @ w64 + b64
+  loss = ref.cross_entropy(z, np.asarray(y), **kw)
+  g = ref.cross_entropy_vjp(z, np.asarray(y), **kw)[0]
+  return loss, g @ w64.T, x64.T @ g, g.sum(0)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_every_policy_matches_the_float64_reference(monkeypatch, policy,
+                                                    dtype, w_layout,
+                                                    grad_in_forward):
+  monkeypatch.setattr(_linear_ce, "matmul_policy", lambda _: policy)
+  x, w, bias, y = _data(dtype)
+  w_in = w if w_layout == "dv" else w.T
+  kw = dict(label_smoothing=0.1, z_loss=1e-3)
+
+  def f(x, w_in, bias):
+    return js.linear_cross_entropy(x, w_in, y, bias=bias, chunk_size=8,
+                                   w_layout=w_layout,
+                                   grad_in_forward=grad_in_forward, **kw)
+
+  loss, grads = jax.value_and_grad(f, (0, 1, 2))(x, w_in, bias)
+  want = _reference(x, w, bias, y, **kw)
+  dx, dw, db = grads
+  if w_layout == "vd":
+    dw = dw.T
+  # float32: a few ulps of the sums; bfloat16: the inputs are exact, the
+  # matmuls may round dz to bfloat16 (not with upcast), and each gradient
+  # is rounded to bfloat16 once.
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(float(loss), want[0], rtol=tol)
+  for got, exp in zip((dx, dw, db), want[1:], strict=True):
+    assert got.dtype == dtype
+    scale = np.max(np.abs(exp))
+    assert np.max(np.abs(np.asarray(got, np.float64) - exp)) <= tol * scale
+
+
+def _hlo(policy, monkeypatch, dtype, w_layout, compiled=True):
+  monkeypatch.setattr(_linear_ce, "matmul_policy", lambda _: policy)
+  x, w, _, y = _data(dtype, b=64, v=100)
+  w_in = w if w_layout == "dv" else w.T
+  f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
+      x, w, y, chunk_size=16, w_layout=w_layout), (0, 1))
+  lowered = jax.jit(f).lower(x, w_in)
+  return lowered.compile().as_text() if compiled else lowered.as_text()
+
+
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+def test_upcast_decides_the_matmul_operand_dtype(monkeypatch, w_layout):
+  # Every dot of a bfloat16 call takes bfloat16 operands unless the policy
+  # upcasts, when they take float32 ones (one converted copy of w).
+  dots = {}
+  for upcast in (False, True):
+    text = _hlo(MatmulPolicy(upcast, False), monkeypatch, jnp.bfloat16,
+                w_layout, compiled=False)
+    dots[upcast] = re.findall(r"stablehlo\.dot_general[^\n]*: "
+                              r"\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
+                              text)
+  assert dots[False] == [("bf16", "bf16")] * 3
+  assert dots[True] == [("f32", "f32")] * 3
+
+
+def test_plain_products_decide_the_transposed_copy_of_x(monkeypatch):
+  # (d, V) layout: with plain products dw's matmul reads a (chunks, d, c)
+  # transposed x; without, x_c^T dz takes x as it is.
+  for plain in (False, True):
+    text = _hlo(MatmulPolicy(False, plain), monkeypatch, jnp.float32, "dv")
+    loops = re.findall(r"%while[.\d]* = \(([^)]*)\) while\(", text)
+    assert len(loops) == 1
+    assert ("f32[4,8,16]" in loops[0]) == plain
+
+
+def test_logsumexp_and_log_softmax_keep_tiny_non_max_terms():
+  # log(1 + r) rounds to 0 in float32 for r < 6e-8; log1p does not.
+  for r in (2.0**-30, np.exp(-20.0), 1e-7, 0.25):
+    x = jnp.array([0.0, np.log(r)], jnp.float32)
+    want = np.log1p(np.float64(np.float32(np.exp(np.float64(x[1])))))
+    got = float(js.logsumexp(x))
+    assert got == pytest.approx(want, rel=2**-22)
+    np.testing.assert_allclose(float(js.log_softmax(x)[0]), -want,
+                               rtol=2**-22)
+  # Ties at the maximum: log 2 + log1p(r / 2).
+  x = jnp.array([5.0, 5.0, -15.0])
+  want = 5.0 + np.log(2.0) + np.log1p(np.exp(-20.0) / 2)
+  assert float(js.logsumexp(x)) == pytest.approx(want, rel=2**-23)
+  # Weights: b at the maximum; a sum that cancels keeps the old rules.
+  got = js.logsumexp(jnp.array([0.0, -20.0]), b=jnp.array([3.0, 1.0]))
+  assert float(got) == pytest.approx(np.log(3.0) + np.log1p(
+      np.exp(-20.0) / 3), rel=2**-23)
+  lse, sign = js.logsumexp(jnp.array([0.0, 0.0]), b=jnp.array([1.0, -1.0]),
+                           return_sign=True)
+  assert float(lse) == -np.inf and float(sign) == 0.0
+  assert np.isnan(float(js.logsumexp(jnp.array([0.0, 1.0]),
+                                     b=jnp.array([1.0, -1.0]))))
+
+
+def test_fused_row_with_all_logits_minus_inf_is_nan():
+  # The fused loss counts a row when it is unmasked and the bias leaves it
+  # a class (known before the loop); an infinite x that drives every logit
+  # to -inf makes that row NaN, value and gradient, whatever the path.
+  x = jnp.array([[1.0, 0.0], [jnp.inf, 0.0], [0.5, 1.0]])
+  w = jnp.array([[-1.0, -2.0, -3.0], [1.0, 0.0, 2.0]])
+  y = jnp.array([0, 1, 2])
+  for gif in (None, False):
+    loss, dx = jax.value_and_grad(
+        lambda x, gif=gif: js.linear_cross_entropy(
+            x, w, y, chunk_size=2, grad_in_forward=gif, reduction="sum"))(x)
+    assert np.isnan(float(loss))
+    assert np.isnan(np.asarray(dx[1])).all()
+  per_row = js.linear_cross_entropy(x, w, y, reduction="none")
+  assert np.isnan(float(per_row[1]))
+  want = ref.cross_entropy(np.asarray(x[::2] @ w), np.asarray(y[::2]),
+                           reduction="none")
+  np.testing.assert_allclose(np.asarray(per_row[::2]), want, rtol=1e-6)

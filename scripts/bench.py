@@ -31,7 +31,13 @@ beat:
   with ``x^T`` materialised first, so that ``x^T g`` is a plain product: on
   XLA's CPU backend that one runs through YNNPACK, as the fused loss's
   does, where the transposed-operand form takes a slower kernel; a second,
-  stricter floor to read the ratios against.
+  stricter floor to read the ratios against. ``matmuls_plain``, the
+  half-precision floor: the three as plain row-major products ``x w``,
+  ``g wT`` and ``xT g``, with ``wT`` ``(V, d)`` and ``xT`` ``(d, B)``
+  materialised outside the timed region (operands in the input dtype,
+  float32 results). A ``fused in half precision`` table gives, per shape,
+  the bfloat16 (float16) fused loss over ``matmuls_plain`` of its dtype and
+  over the float32 fused loss of the same run.
 
 ``model`` (``BxTxDxV``): logits made inside a model, ``h @ emb.T`` with
   ``h`` of shape ``(B, T, d)`` and ``emb`` ``(V, d)``, ``value_and_grad``
@@ -120,6 +126,8 @@ RANKS = {"logits": 2, "fused": 3, "model": 4, "sharded": 3}
 RANK_NAMES = {2: "BxV", 3: "BxDxV", 4: "BxTxDxV"}
 # The sharded section's devices on a CPU host (a GPU host keeps its own).
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count=8"
+# CPU features of half-precision arithmetic, as /proc/cpuinfo names them.
+HALF_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_fp16", "amx_fp16", "f16c")
 
 
 # ------------------------------------------------------------ impls
@@ -193,6 +201,13 @@ def _fused_impls() -> list[Impl]:
   def matmuls_xt(x, w, y, g):  # x^T materialised: dw as a plain product
     return mm(x, w), mm(g, w.T), mm(lax.optimization_barrier(x.T), g)
 
+  def with_transposes(args):  # (x, w, y, g) -> (..., w.T, x.T) materialised
+    x, w, *rest = args
+    return (x, w, *rest, jnp.asarray(w.T).copy(), jnp.asarray(x.T).copy())
+
+  def matmuls_plain(x, w, y, g, wt, xt):  # three row-major products
+    return mm(x, w), mm(g, wt), mm(xt, g)
+
   def grad(f, has_aux=False):
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=has_aux)
 
@@ -205,7 +220,9 @@ def _fused_impls() -> list[Impl]:
           Impl("fused_tied_vd", grad(tied_vd), place=as_embedding),
           Impl("optax", grad(with_optax)),
           Impl("matmuls", matmuls, loss=False),
-          Impl("matmuls_xt", matmuls_xt, loss=False)]
+          Impl("matmuls_xt", matmuls_xt, loss=False),
+          Impl("matmuls_plain", matmuls_plain, loss=False,
+               place=with_transposes)]
 
 
 def _model_impls() -> list[Impl]:
@@ -287,7 +304,7 @@ def make_args(section: str, shape: tuple[int, ...], dtype,
   """Random inputs (logits of order 1), made on the host: no compiles.
 
   ``g`` (the floors' ``(B, V)`` cotangent) is a ``(1, 1)`` placeholder
-  when ``with_g`` is False: only ``matmuls`` and ``matmuls_xt`` read it.
+  when ``with_g`` is False: only the ``matmuls*`` floors read it.
   """
   rng = np.random.default_rng(0)
 
@@ -341,7 +358,20 @@ def machine_info() -> dict:
           "device_kind": jax.devices()[0].device_kind,
           "cpu_count": os.cpu_count(),
           "cpus_usable": usable,
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "cpu_half_flags": half_precision_cpu_flags()}
+
+
+def half_precision_cpu_flags() -> list[str] | None:
+  """Which of ``HALF_FLAGS`` /proc/cpuinfo lists (None off Linux)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  with contextlib.suppress(OSError):
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        flags = set(line.partition(":")[2].split())
+        return [f for f in HALF_FLAGS if f in flags]
+  return None
 
 
 # ----------------------------------------------------------- timing
@@ -420,6 +450,10 @@ def run_case(section, shape, dtype, impls, runs, mem_limit, log):
   return _finish(list(rows.values()))
 
 
+def _ratio(a, b):
+  return a / b if a is not None and b else None
+
+
 def _finish(rows):
   """Fill min/median times and the ratios to the floor and to optax."""
   for r in rows:
@@ -429,10 +463,25 @@ def _finish(rows):
   by = {r["impl"]: r for r in rows}
   for r in rows:
     for key, ref in (("ratio_floor", r["floor"]), ("ratio_optax", "optax")):
-      base = by.get(ref, {}).get("min_ms")
-      r[key] = (r["min_ms"] / base
-                if r["min_ms"] is not None and base else None)
+      r[key] = _ratio(r["min_ms"], by.get(ref, {}).get("min_ms"))
   return rows
+
+
+def half_precision(rows) -> list[dict]:
+  """Per fused shape and half dtype: the fused loss's time over
+  ``matmuls_plain`` of that dtype and over the float32 fused loss."""
+  ms = {(shape_str(r["shape"]), r["dtype"], r["impl"]): r["min_ms"]
+        for r in rows if r["section"] == "fused"}
+  out = []
+  for (shape, dtype, impl), t in ms.items():
+    if impl == "fused" and dtype in ("bfloat16", "float16"):
+      plain = ms.get((shape, dtype, "matmuls_plain"))
+      f32 = ms.get((shape, "float32", "fused"))
+      out.append({"shape": shape, "dtype": dtype, "fused_ms": t,
+                  "matmuls_plain_ms": plain, "fused_float32_ms": f32,
+                  "fused_over_plain": _ratio(t, plain),
+                  "fused_over_float32": _ratio(t, f32)})
+  return out
 
 
 def run_scale(shape, runs_fused, mem_limit, log):
@@ -685,6 +734,11 @@ def main(argv: list[str] | None = None) -> dict:
       f"minimum is reported; memory limit {mem_limit / GIB:.1f} GiB")
   if machine["xla_flags"]:
     say(f"- XLA_FLAGS={machine['xla_flags']}")
+  if machine["cpu_half_flags"] is not None:
+    have = machine["cpu_half_flags"]
+    say(f"- half-precision CPU flags (/proc/cpuinfo): "
+        f"{' '.join(have) or 'none'} (absent: "
+        f"{' '.join(f for f in HALF_FLAGS if f not in have) or 'none'})")
 
   t_start = time.perf_counter()
   results, scale = [], []
@@ -704,6 +758,20 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"## {section} (floor: {FLOORS[section]})")
     say()
     say(table(rows))
+  half = half_precision(results)
+  if half:
+    say()
+    say("## fused in half precision")
+    say()
+    say("| shape | dtype | fused ms | matmuls_plain ms | fused / plain "
+        "| fused float32 ms | fused / fused float32 |")
+    say("|" + "---|" * 7)
+    for h in half:
+      say(f"| {h['shape']} | {h['dtype']} | {_fmt(h['fused_ms'], '.2f')} "
+          f"| {_fmt(h['matmuls_plain_ms'], '.2f')} "
+          f"| {_fmt(h['fused_over_plain'], '.3f')} "
+          f"| {_fmt(h['fused_float32_ms'], '.2f')} "
+          f"| {_fmt(h['fused_over_float32'], '.3f')} |")
   if args.scale:
     shape = QUICK_SCALE_SHAPE if args.quick else SCALE_SHAPE
     log(f"[scale] {shape_str(shape)} float32")
@@ -728,7 +796,8 @@ def main(argv: list[str] | None = None) -> dict:
 
   data = {"machine": machine, "runs": runs, "mem_limit_bytes": mem_limit,
           "argv": sys.argv[1:] if argv is None else list(argv),
-          "wall_s": wall, "results": results, "scale": scale}
+          "wall_s": wall, "results": results, "half_precision": half,
+          "scale": scale}
   (args.out / "results.json").write_text(json.dumps(data, indent=1))
   (args.out / "results.md").write_text(report.getvalue())
   if results:

@@ -18,8 +18,8 @@ beat:
 ``fused`` (``BxDxV``): ``value_and_grad`` w.r.t. ``(x, w)`` of
   ``fused`` (``linear_cross_entropy``, mean, gradient in the forward pass),
   ``fused_recompute`` (``grad_in_forward=False``: four matmuls),
-  ``optax`` on ``x @ w`` (float32 accumulation) and, when
-  ``jax_softmax.LossAux`` exists, ``return_aux=True`` three ways:
+  ``optax`` on ``x @ w`` (float32 accumulation), ``return_aux=True``
+  three ways:
   ``fused_aux`` (aux kept as metrics, ``has_aux=True``),
   ``fused_aux_discard`` (aux dropped) and ``fused_aux_entropy`` (``loss -
   0.01 * mean(aux.entropy)`` differentiated: not the same loss),
@@ -31,7 +31,13 @@ beat:
   with ``x^T`` materialised first, so that ``x^T g`` is a plain product: on
   XLA's CPU backend that one runs through YNNPACK, as the fused loss's
   does, where the transposed-operand form takes a slower kernel; a second,
-  stricter floor to read the ratios against.
+  stricter floor to read the ratios against. ``matmuls_plain``, the
+  half-precision floor: the three as plain row-major products ``x w``,
+  ``g wT`` and ``xT g``, with ``wT`` ``(V, d)`` and ``xT`` ``(d, B)``
+  materialised outside the timed region (operands in the input dtype,
+  float32 results). A ``fused in half precision`` table gives, per shape,
+  the bfloat16 (float16) fused loss over ``matmuls_plain`` of its dtype and
+  over the float32 fused loss of the same run.
 
 ``model`` (``BxTxDxV``): logits made inside a model, ``h @ emb.T`` with
   ``h`` of shape ``(B, T, d)`` and ``emb`` ``(V, d)``, ``value_and_grad``
@@ -54,7 +60,10 @@ compiled but not run, and the table says so.
   of the fused loss with ``w`` split on ``V`` over every device
   (``shard_map``, ``axis_name``; 8 simulated devices on a CPU host) against
   the same loss on one device (``one_device``, the floor of this section).
-  The temporaries of a sharded program are per device.
+  The temporaries of a sharded program are per device. On a host whose
+  ``XLA_FLAGS`` name no device count, the section runs in a child process
+  of this script with ``--xla_force_host_platform_device_count=8`` added
+  (jax reads the flags once, when its backend starts).
 
 ``--scale`` adds a compile-only memory comparison at ``4096x256x262144``
 float32 (``fused`` vs ``optax``; optax is not run) and runs the fused loss
@@ -67,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -74,28 +84,22 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# The sharded section needs several devices; on a CPU host, simulate 8
-# (before jax starts its backend). A real accelerator host keeps its own.
-if "sharded" in sys.argv[1:] and "device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax import lax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jax_softmax  # noqa: E402
+import jax_softmax
 
 F32 = jnp.float32
 MIB = 2**20
@@ -120,6 +124,10 @@ SECTIONS = tuple(FLOORS)
 ALL = ("logits", "fused", "model")  # --section all; sharded on its own
 RANKS = {"logits": 2, "fused": 3, "model": 4, "sharded": 3}
 RANK_NAMES = {2: "BxV", 3: "BxDxV", 4: "BxTxDxV"}
+# The sharded section's devices on a CPU host (a GPU host keeps its own).
+SIMULATED_DEVICES = "--xla_force_host_platform_device_count=8"
+# CPU features of half-precision arithmetic, as /proc/cpuinfo names them.
+HALF_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_fp16", "amx_fp16", "f16c")
 
 
 # ------------------------------------------------------------ impls
@@ -193,21 +201,28 @@ def _fused_impls() -> list[Impl]:
   def matmuls_xt(x, w, y, g):  # x^T materialised: dw as a plain product
     return mm(x, w), mm(g, w.T), mm(lax.optimization_barrier(x.T), g)
 
+  def with_transposes(args):  # (x, w, y, g) -> (..., w.T, x.T) materialised
+    x, w, *rest = args
+    return (x, w, *rest, jnp.asarray(w.T).copy(), jnp.asarray(x.T).copy())
+
+  def matmuls_plain(x, w, y, g, wt, xt):  # three row-major products
+    return mm(x, w), mm(g, wt), mm(xt, g)
+
   def grad(f, has_aux=False):
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=has_aux)
 
-  impls = [Impl("fused", grad(fused)),
-           Impl("fused_recompute", grad(recompute))]
-  if hasattr(jax_softmax, "LossAux"):
-    impls += [Impl("fused_aux", grad(aux, has_aux=True)),
-              Impl("fused_aux_discard", grad(aux_discard)),
-              Impl("fused_aux_entropy", grad(aux_entropy))]
-  impls += [Impl("fused_tied_T", grad(tied_t), place=as_embedding),
-            Impl("fused_tied_vd", grad(tied_vd), place=as_embedding)]
-  impls += [Impl("optax", grad(with_optax)),
-            Impl("matmuls", matmuls, loss=False),
-            Impl("matmuls_xt", matmuls_xt, loss=False)]
-  return impls
+  return [Impl("fused", grad(fused)),
+          Impl("fused_recompute", grad(recompute)),
+          Impl("fused_aux", grad(aux, has_aux=True)),
+          Impl("fused_aux_discard", grad(aux_discard)),
+          Impl("fused_aux_entropy", grad(aux_entropy)),
+          Impl("fused_tied_T", grad(tied_t), place=as_embedding),
+          Impl("fused_tied_vd", grad(tied_vd), place=as_embedding),
+          Impl("optax", grad(with_optax)),
+          Impl("matmuls", matmuls, loss=False),
+          Impl("matmuls_xt", matmuls_xt, loss=False),
+          Impl("matmuls_plain", matmuls_plain, loss=False,
+               place=with_transposes)]
 
 
 def _model_impls() -> list[Impl]:
@@ -244,28 +259,29 @@ def _model_impls() -> list[Impl]:
 def _sharded_impls() -> list[Impl]:
   """Vocabulary-parallel fused loss over all devices vs one device."""
   lce = jax_softmax.linear_cross_entropy
-  mesh = jax.make_mesh((jax.device_count(),), ("model",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  @functools.cache
+  def mesh():  # made on first use: listing the impls starts no backend
+    return jax.make_mesh((jax.device_count(),), ("model",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
 
   def local(x, w, y):
     return lce(x, w, y, axis_name="model")
 
-  sharded = jax.shard_map(local, mesh=mesh,
-                          in_specs=(P(), P(None, "model"), P()),
-                          out_specs=P())
-
   def place(args):
     x, w, y, g = args
-    rep = NamedSharding(mesh, P())
+    rep = NamedSharding(mesh(), P())
     return (jax.device_put(x, rep),
-            jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+            jax.device_put(w, NamedSharding(mesh(), P(None, "model"))),
             jax.device_put(y, rep), g)
 
   def one(x, w, y, g):
     return lce(x, w, y)
 
   def vocab_parallel(x, w, y, g):
-    return sharded(x, w, y)
+    return jax.shard_map(local, mesh=mesh(),
+                         in_specs=(P(), P(None, "model"), P()),
+                         out_specs=P())(x, w, y)
 
   def grad(f):
     return jax.value_and_grad(f, argnums=(0, 1))
@@ -288,7 +304,7 @@ def make_args(section: str, shape: tuple[int, ...], dtype,
   """Random inputs (logits of order 1), made on the host: no compiles.
 
   ``g`` (the floors' ``(B, V)`` cotangent) is a ``(1, 1)`` placeholder
-  when ``with_g`` is False: only ``matmuls`` and ``matmuls_xt`` read it.
+  when ``with_g`` is False: only the ``matmuls*`` floors read it.
   """
   rng = np.random.default_rng(0)
 
@@ -342,7 +358,20 @@ def machine_info() -> dict:
           "device_kind": jax.devices()[0].device_kind,
           "cpu_count": os.cpu_count(),
           "cpus_usable": usable,
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "cpu_half_flags": half_precision_cpu_flags()}
+
+
+def half_precision_cpu_flags() -> list[str] | None:
+  """Which of ``HALF_FLAGS`` /proc/cpuinfo lists (None off Linux)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  with contextlib.suppress(OSError):
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        flags = set(line.partition(":")[2].split())
+        return [f for f in HALF_FLAGS if f in flags]
+  return None
 
 
 # ----------------------------------------------------------- timing
@@ -373,6 +402,22 @@ def _loss_value(impl: Impl, out) -> float | None:
   return float(value)
 
 
+def _compile(impl: Impl, args, mem_limit: int) -> tuple[object, dict]:
+  """Compiles ``impl`` for ``args``: the executable and the row's compile
+  time and memory, with ``skipped`` set where the temporaries and outputs
+  exceed ``mem_limit`` (then it is not to be run)."""
+  t0 = time.perf_counter()
+  comp = jax.jit(impl.fn).lower(*args).compile()
+  info = {"compile_s": time.perf_counter() - t0, **_mem(comp),
+          "skipped": None}
+  need = (info["temp_bytes"] or 0) + (info["out_bytes"] or 0)
+  if need > mem_limit:
+    info["skipped"] = (f"skipped: needs {need / GIB:.1f} GiB of "
+                       f"temporaries and outputs > limit "
+                       f"{mem_limit / GIB:.1f} GiB")
+  return comp, info
+
+
 def run_case(section, shape, dtype, impls, runs, mem_limit, log):
   """Compile all impls, warm each up, time them interleaved; rows out."""
   gc.collect()
@@ -381,21 +426,15 @@ def run_case(section, shape, dtype, impls, runs, mem_limit, log):
   rows, compiled = {}, {}
   placed = {i.name: i.place(args) if i.place else args for i in impls}
   for impl in impls:
-    t0 = time.perf_counter()
-    comp = jax.jit(impl.fn).lower(*placed[impl.name]).compile()
-    row = {"section": section, "shape": list(shape),
-           "dtype": jnp.dtype(dtype).name, "impl": impl.name,
-           "floor": FLOORS[section], "compile_s": time.perf_counter() - t0,
-           **_mem(comp), "skipped": None, "loss": None, "times_ms": []}
-    need = (row["temp_bytes"] or 0) + (row["out_bytes"] or 0)
-    if need > mem_limit:
-      row["skipped"] = (f"skipped: needs {need / GIB:.1f} GiB of "
-                        f"temporaries and outputs > limit "
-                        f"{mem_limit / GIB:.1f} GiB")
-      log(f"  {impl.name}: {row['skipped']}")
+    comp, info = _compile(impl, placed[impl.name], mem_limit)
+    rows[impl.name] = {"section": section, "shape": list(shape),
+                       "dtype": jnp.dtype(dtype).name, "impl": impl.name,
+                       "floor": FLOORS[section], **info, "loss": None,
+                       "times_ms": []}
+    if info["skipped"]:
+      log(f"  {impl.name}: {info['skipped']}")
     else:
       compiled[impl.name] = comp
-    rows[impl.name] = row
   by_name = {i.name: i for i in impls}
   for name, comp in compiled.items():  # one warm-up call each
     dt, out = _call(comp, placed[name])
@@ -411,6 +450,10 @@ def run_case(section, shape, dtype, impls, runs, mem_limit, log):
   return _finish(list(rows.values()))
 
 
+def _ratio(a, b):
+  return a / b if a is not None and b else None
+
+
 def _finish(rows):
   """Fill min/median times and the ratios to the floor and to optax."""
   for r in rows:
@@ -420,10 +463,25 @@ def _finish(rows):
   by = {r["impl"]: r for r in rows}
   for r in rows:
     for key, ref in (("ratio_floor", r["floor"]), ("ratio_optax", "optax")):
-      base = by.get(ref, {}).get("min_ms")
-      r[key] = (r["min_ms"] / base
-                if r["min_ms"] is not None and base else None)
+      r[key] = _ratio(r["min_ms"], by.get(ref, {}).get("min_ms"))
   return rows
+
+
+def half_precision(rows) -> list[dict]:
+  """Per fused shape and half dtype: the fused loss's time over
+  ``matmuls_plain`` of that dtype and over the float32 fused loss."""
+  ms = {(shape_str(r["shape"]), r["dtype"], r["impl"]): r["min_ms"]
+        for r in rows if r["section"] == "fused"}
+  out = []
+  for (shape, dtype, impl), t in ms.items():
+    if impl == "fused" and dtype in ("bfloat16", "float16"):
+      plain = ms.get((shape, dtype, "matmuls_plain"))
+      f32 = ms.get((shape, "float32", "fused"))
+      out.append({"shape": shape, "dtype": dtype, "fused_ms": t,
+                  "matmuls_plain_ms": plain, "fused_float32_ms": f32,
+                  "fused_over_plain": _ratio(t, plain),
+                  "fused_over_float32": _ratio(t, f32)})
+  return out
 
 
 def run_scale(shape, runs_fused, mem_limit, log):
@@ -435,17 +493,12 @@ def run_scale(shape, runs_fused, mem_limit, log):
   jax.block_until_ready(args)
   rows = []
   for impl in impls:
-    comp = jax.jit(impl.fn).lower(*args).compile()
+    comp, info = _compile(impl, args, mem_limit)
     row = {"section": "scale", "shape": list(shape), "dtype": "float32",
-           "impl": impl.name, **_mem(comp), "times_ms": [], "loss": None,
-           "skipped": None}
-    need = (row["temp_bytes"] or 0) + (row["out_bytes"] or 0)
+           "impl": impl.name, **info, "times_ms": [], "loss": None}
     if impl.name == "optax":
       row["skipped"] = "compile only (memory comparison)"
-    elif need > mem_limit:
-      row["skipped"] = (f"skipped: needs {need / GIB:.1f} GiB > limit "
-                        f"{mem_limit / GIB:.1f} GiB")
-    else:
+    elif not row["skipped"]:
       for _ in range(runs_fused):
         dt, out = _call(comp, args)
         row["loss"] = _loss_value(impl, out)
@@ -632,11 +685,32 @@ def plan(args, parser) -> dict[str, tuple[list, list[str]]]:
 
 
 # ------------------------------------------------------------- main
+def _with_simulated_devices(argv: list[str], out: Path) -> dict:
+  """Runs this script on ``argv`` in a child process whose ``XLA_FLAGS``
+  add ``SIMULATED_DEVICES`` (jax reads them when its backend starts, which
+  in this process may have happened); its results.json is the result."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}"
+  # The child imports the jax_softmax this process did.
+  root = str(Path(jax_softmax.__file__).resolve().parents[1])
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (root, env.get("PYTHONPATH")) if p)
+  code = subprocess.run([sys.executable, str(Path(__file__).resolve()),
+                         *argv], env=env, check=False).returncode
+  if code:
+    raise SystemExit(code)
+  return json.loads((out / "results.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> dict:
   parser = build_parser()
   args = parser.parse_args(argv)
   runs = args.runs or (QUICK_RUNS if args.quick else 7)
   work = plan(args, parser)
+  if "sharded" in work and "device_count" not in os.environ.get(
+      "XLA_FLAGS", ""):
+    return _with_simulated_devices(
+        sys.argv[1:] if argv is None else list(argv), args.out)
   mem_limit = (int(args.mem_limit_gib * GIB) if args.mem_limit_gib
                else memory_limit_bytes())
   args.out.mkdir(parents=True, exist_ok=True)
@@ -660,6 +734,11 @@ def main(argv: list[str] | None = None) -> dict:
       f"minimum is reported; memory limit {mem_limit / GIB:.1f} GiB")
   if machine["xla_flags"]:
     say(f"- XLA_FLAGS={machine['xla_flags']}")
+  if machine["cpu_half_flags"] is not None:
+    have = machine["cpu_half_flags"]
+    say(f"- half-precision CPU flags (/proc/cpuinfo): "
+        f"{' '.join(have) or 'none'} (absent: "
+        f"{' '.join(f for f in HALF_FLAGS if f not in have) or 'none'})")
 
   t_start = time.perf_counter()
   results, scale = [], []
@@ -679,6 +758,20 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"## {section} (floor: {FLOORS[section]})")
     say()
     say(table(rows))
+  half = half_precision(results)
+  if half:
+    say()
+    say("## fused in half precision")
+    say()
+    say("| shape | dtype | fused ms | matmuls_plain ms | fused / plain "
+        "| fused float32 ms | fused / fused float32 |")
+    say("|" + "---|" * 7)
+    for h in half:
+      say(f"| {h['shape']} | {h['dtype']} | {_fmt(h['fused_ms'], '.2f')} "
+          f"| {_fmt(h['matmuls_plain_ms'], '.2f')} "
+          f"| {_fmt(h['fused_over_plain'], '.3f')} "
+          f"| {_fmt(h['fused_float32_ms'], '.2f')} "
+          f"| {_fmt(h['fused_over_float32'], '.3f')} |")
   if args.scale:
     shape = QUICK_SCALE_SHAPE if args.quick else SCALE_SHAPE
     log(f"[scale] {shape_str(shape)} float32")
@@ -703,7 +796,8 @@ def main(argv: list[str] | None = None) -> dict:
 
   data = {"machine": machine, "runs": runs, "mem_limit_bytes": mem_limit,
           "argv": sys.argv[1:] if argv is None else list(argv),
-          "wall_s": wall, "results": results, "scale": scale}
+          "wall_s": wall, "results": results, "half_precision": half,
+          "scale": scale}
   (args.out / "results.json").write_text(json.dumps(data, indent=1))
   (args.out / "results.md").write_text(report.getvalue())
   if results:

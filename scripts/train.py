@@ -17,7 +17,8 @@ to 0 on a cosine schedule; ``lbfgs`` works on the full training set and
 counts one iteration as an epoch.
 
 ``--out`` is a run directory (``scripts/rundir.py``, which this script
-imports from its own directory): ``metrics.json`` (rewritten after every
+imports from its own directory, as it does ``_common.py``, the helpers it
+shares with ``train_lm.py``): ``metrics.json`` (rewritten after every
 epoch), ``curves.png`` (redrawn after the first and last epochs and in
 between as often as keeps plotting under ~10% of the time),
 ``checkpoints/epoch_NNNN.npz`` (the ``--keep-checkpoints`` newest) and
@@ -57,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import zipfile
@@ -68,6 +68,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import (
+  NON_NEGATIVE_FLOAT,
+  NON_NEGATIVE_INT,
+  POSITIVE_FLOAT,
+  POSITIVE_INT,
+  add_multiprocess_args,
+  init_distributed,
+  local_rows,
+  strong,
+  to_host,
+)
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rundir import ConfigMismatch, RunDir, RunDirError, fingerprint
@@ -85,25 +96,6 @@ HISTORY_KEYS = ("train_loss", "train_accuracy", "train_entropy", "test_loss",
 
 
 # ----------------------------------------------------------------- flags
-def _checked(kind, ok, what):
-  """An argparse type: kind(text), rejected unless ok(value)."""
-  def parse(text):
-    try:
-      value = kind(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(
-          f"expected {kind.__name__}, got {text!r}") from None
-    if not ok(value):
-      raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    return value
-  return parse
-
-
-POSITIVE_INT = _checked(int, lambda v: v > 0, "> 0")
-NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, ">= 0")
-POSITIVE_FLOAT = _checked(float, lambda v: 0 < v < math.inf, "> 0, finite")
-NON_NEGATIVE_FLOAT = _checked(float, lambda v: 0 <= v < math.inf,
-                              ">= 0, finite")
 
 
 def _mesh(text):
@@ -187,41 +179,8 @@ examples:
       help="shard each batch over the first N devices, a 1-D mesh with "
       "axis 'data' (default: all devices, of every process when launched "
       "multi-process)")
-  multi = parser.add_argument_group(
-      "multi-process (one process per host, jax.distributed)")
-  multi.add_argument(
-      "--coordinator-address", default=None, metavar="HOST:PORT",
-      help="process 0's address; with --num-processes and --process-id "
-      "this process joins a multi-process run (jax.distributed.initialize)")
-  multi.add_argument(
-      "--num-processes", type=POSITIVE_INT, default=None,
-      help="number of processes in the run")
-  multi.add_argument(
-      "--process-id", type=NON_NEGATIVE_INT, default=None,
-      help="this process's index in [0, --num-processes)")
-  multi.add_argument(
-      "--distributed", action="store_true",
-      help="call jax.distributed.initialize() with the cluster settings "
-      "JAX detects itself (SLURM, TPU pods, Open MPI, ...)")
+  add_multiprocess_args(parser)
   return parser
-
-
-def init_distributed(args, parser) -> None:
-  """Joins a multi-process run when asked to (before any device is used).
-
-  On CPU the processes' collectives go through gloo.
-  """
-  manual = (args.coordinator_address, args.num_processes, args.process_id)
-  if all(v is None for v in manual) and not args.distributed:
-    return
-  if not args.distributed and any(v is None for v in manual):
-    parser.error("--coordinator-address, --num-processes and --process-id "
-                 "go together")
-  if args.process_id is not None and args.process_id >= args.num_processes:
-    parser.error(f"--process-id {args.process_id} is not below "
-                 f"--num-processes {args.num_processes}")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(*manual)
 
 
 # ------------------------------------------------------------------ data
@@ -380,12 +339,9 @@ def put_rows(X, y, size, sharding):
   pad = size - len(y)
   rows = (np.pad(X, ((0, pad), (0, 0))), np.pad(y, (0, pad)),
           np.arange(size) < len(y))
-  spans = [idx[0] for idx in sharding.addressable_devices_indices_map(
-      (size,)).values()]
-  lo = min(sl.start or 0 for sl in spans)
-  hi = max(size if sl.stop is None else sl.stop for sl in spans)
+  mine = local_rows(sharding, (size,))
   return tuple(jax.make_array_from_process_local_data(
-      sharding, a[lo:hi], a.shape) for a in rows)
+      sharding, a[mine], a.shape) for a in rows)
 
 
 def replicate(tree, sharding):
@@ -393,12 +349,6 @@ def replicate(tree, sharding):
   return jax.tree_util.tree_map(
       lambda a: jax.make_array_from_process_local_data(
           sharding, np.asarray(a)), tree)
-
-
-def to_host(a):
-  """A NumPy copy of a (replicated) array, also across processes."""
-  return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array)
-                    else a)
 
 
 # ----------------------------------------------------------------- model
@@ -438,12 +388,6 @@ def make_optimizer(name, lr, steps):
   if name == "adam":
     return optax.adam(schedule)
   return optax.sgd(schedule, momentum=0.9)
-
-
-def strong(tree):
-  """Drops weak types, so fresh, stepped and restored states share one
-  compiled step (optax inits some scalars weakly typed)."""
-  return jax.tree.map(lambda x: jnp.asarray(x, x.dtype), tree)
 
 
 def make_step(loss, optimizer, lbfgs):

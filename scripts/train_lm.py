@@ -105,6 +105,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import (
+  NON_NEGATIVE_FLOAT,
+  NON_NEGATIVE_INT,
+  POSITIVE_FLOAT,
+  POSITIVE_INT,
+  add_multiprocess_args,
+  checked,
+  init_distributed,
+  local_rows,
+  strong,
+  to_host,
+)
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rundir import ConfigMismatch, RunDir, RunDirError, fingerprint_file
@@ -134,27 +146,8 @@ DEFAULT_PROMPT = "    def __init__(self"  # of the sample, default corpus
 
 
 # ----------------------------------------------------------------- flags
-def _checked(kind, ok, what):
-  """An argparse type: kind(text), rejected unless ok(value)."""
-  def parse(text):
-    try:
-      value = kind(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(
-          f"expected {kind.__name__}, got {text!r}") from None
-    if not ok(value):
-      raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    return value
-  return parse
-
-
-POSITIVE_INT = _checked(int, lambda v: v > 0, "> 0")
-NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, ">= 0")
-POSITIVE_FLOAT = _checked(float, lambda v: 0 < v < math.inf, "> 0, finite")
-NON_NEGATIVE_FLOAT = _checked(float, lambda v: 0 <= v < math.inf,
-                              ">= 0, finite")
-VOCAB_SIZE = _checked(int, lambda v: v >= 258, ">= 258 (256 bytes, "
-                      f"{EOS} and at least one merge)")
+VOCAB_SIZE = checked(int, lambda v: v >= 258, ">= 258 (256 bytes, "
+                     f"{EOS} and at least one merge)")
 
 
 def _mesh(text):
@@ -294,41 +287,8 @@ examples:
       help="shard the output head's E over the mesh axis 'model' on V, "
       "linear_cross_entropy(..., axis_name='model') inside shard_map "
       "(fused head only)")
-  multi = parser.add_argument_group(
-      "multi-process (one process per host, jax.distributed)")
-  multi.add_argument(
-      "--coordinator-address", default=None, metavar="HOST:PORT",
-      help="process 0's address; with --num-processes and --process-id "
-      "this process joins a multi-process run (jax.distributed.initialize)")
-  multi.add_argument(
-      "--num-processes", type=POSITIVE_INT, default=None,
-      help="number of processes in the run")
-  multi.add_argument(
-      "--process-id", type=NON_NEGATIVE_INT, default=None,
-      help="this process's index in [0, --num-processes)")
-  multi.add_argument(
-      "--distributed", action="store_true",
-      help="call jax.distributed.initialize() with the cluster settings "
-      "JAX detects itself (SLURM, TPU pods, Open MPI, ...)")
+  add_multiprocess_args(parser)
   return parser
-
-
-def init_distributed(args, parser) -> None:
-  """Joins a multi-process run when asked to (before any device is used).
-
-  On CPU the processes' collectives go through gloo.
-  """
-  manual = (args.coordinator_address, args.num_processes, args.process_id)
-  if all(v is None for v in manual) and not args.distributed:
-    return
-  if not args.distributed and any(v is None for v in manual):
-    parser.error("--coordinator-address, --num-processes and --process-id "
-                 "go together")
-  if args.process_id is not None and args.process_id >= args.num_processes:
-    parser.error(f"--process-id {args.process_id} is not below "
-                 f"--num-processes {args.num_processes}")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(*manual)
 
 
 # ---------------------------------------------------------------- corpus
@@ -618,12 +578,6 @@ def make_optimizer(lr, steps, warmup, weight_decay, params):
                   mask=decay_mask(params)))
 
 
-def strong(tree):
-  """Drops weak types, so fresh, stepped and restored states share one
-  compiled step (optax inits some scalars weakly typed)."""
-  return jax.tree.map(lambda x: jnp.asarray(x, x.dtype), tree)
-
-
 def make_step(head, heads, z_loss, optimizer):
   def loss_fn(params, tokens, targets):
     h = hidden_states(params, tokens, heads)
@@ -693,17 +647,8 @@ def put(a, sharding):
   sharding = NamedSharding(sharding.mesh, P(*spec))
   if not a.ndim or spec[0] is None:
     return jax.make_array_from_process_local_data(sharding, a, a.shape)
-  spans = [index[0] for index in
-           sharding.addressable_devices_indices_map(a.shape).values()]
-  lo = min(span.start or 0 for span in spans)
-  hi = max(len(a) if span.stop is None else span.stop for span in spans)
-  return jax.make_array_from_process_local_data(sharding, a[lo:hi], a.shape)
-
-
-def to_host(a):
-  """A NumPy copy of a replicated array, also across processes."""
-  return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array)
-                    else a)
+  return jax.make_array_from_process_local_data(
+      sharding, a[local_rows(sharding, a.shape)], a.shape)
 
 
 # ---------------------------------------------------- run directory

@@ -88,6 +88,28 @@ def test_bfloat16_subset_with_the_floor(bench, tmp_path):
   assert (tmp_path / "ratios.png").exists()
 
 
+@pytest.mark.slow
+def test_half_precision_table(bench, tmp_path):
+  bench.main(["--section", "fused", "--shapes", "64x16x300", "--impls",
+              "fused,matmuls_plain", "--dtype", "float32,bfloat16", "--runs",
+              "1", "--out", str(tmp_path)])
+  data = json.loads((tmp_path / "results.json").read_text())
+  rows = {(r["impl"], r["dtype"]): r for r in data["results"]}
+  assert set(rows) == {(i, d) for i in ("fused", "matmuls", "matmuls_plain")
+                       for d in ("float32", "bfloat16")}
+  assert rows["matmuls_plain", "bfloat16"]["loss"] is None
+  (half,) = data["half_precision"]
+  assert (half["shape"], half["dtype"]) == ("64x16x300", "bfloat16")
+  assert half["fused_over_plain"] == pytest.approx(
+      half["fused_ms"] / rows["matmuls_plain", "bfloat16"]["min_ms"])
+  assert half["fused_over_float32"] == pytest.approx(
+      half["fused_ms"] / rows["fused", "float32"]["min_ms"])
+  assert "## fused in half precision" in (tmp_path / "results.md"
+                                          ).read_text()
+  flags = data["machine"]["cpu_half_flags"]
+  assert flags is None or set(flags) <= set(bench.HALF_FLAGS)
+
+
 def test_memory_limit_skips_instead_of_running(bench, tmp_path, capsys):
   bench.main(["--quick", "--section", "logits", "--impls", "optax",
               "--dtype", "float32", "--runs", "1", "--mem-limit-gib", "1e-9",

@@ -18,7 +18,7 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "train.py"
-sys.path.insert(0, str(SCRIPTS))  # train.py imports its sibling rundir.py
+sys.path.insert(0, str(SCRIPTS))  # train.py imports rundir, _common
 import rundir  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("train_script", SCRIPT)

@@ -17,7 +17,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "train_lm.py"
 ROOT = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))  # train_lm.py imports rundir
+sys.path.insert(0, str(SCRIPTS))  # train_lm.py imports rundir, _common
 _spec = importlib.util.spec_from_file_location("train_lm", SCRIPT)
 lm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lm)

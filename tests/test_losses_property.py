@@ -228,7 +228,7 @@ def known_huge_cap_under_jit(z, kw):
   if cap is None or 1.0 / cap >= np.finfo(F32).tiny:
     return False
   zz = np.abs(np.asarray(z, np.float64))
-  return bool(np.any(np.isfinite(zz) & (zz / cap >= 2.0**-12)))
+  return bool(np.any(~np.isnan(zz) & (zz / cap >= 2.0**-12)))
 
 
 def known_nll_zero_weight_plus_inf(lp, labels, kw):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_softmax._kernel import Classes, Hyper, support_logits
-from jax_softmax._numerics import NEG_INF, shift_exp
+from jax_softmax._numerics import NEG_INF, over_cap, shift_exp
 
 
 class LossAux(NamedTuple):
@@ -76,6 +76,6 @@ def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
   if g_ent is not None:
     g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
   if hp.soft_cap is not None:
-    g = g * jnp.where(valid, 1 - jnp.square(zc / hp.soft_cap), 0.0)
+    g = g * jnp.where(valid, 1 - jnp.square(over_cap(zc, hp.soft_cap)), 0.0)
   return jnp.where(valid, g, 0.0)
 

@@ -105,12 +105,14 @@ class _Need(NamedTuple):
 
 
 class _Grads(NamedTuple):
-  """Gradients of a sweep, float32, None where not formed."""
+  """Gradients of a sweep, float32, None where not formed; ``scale``
+  multiplies ``dx``, ``dw`` and ``dbias`` (see :func:`_recount`)."""
 
   dx: jax.Array | None = None
   dw: jax.Array | None = None
   dbias: jax.Array | None = None
   hyper: Hyper | None = None
+  scale: jax.Array | None = None
 
 
 def _vocab(cfg: Config, w) -> int:
@@ -235,17 +237,12 @@ def _accumulate(acc: _Grads, g: _Grads) -> _Grads:
 
 
 def _stats(cfg: Config, classes, z, y_c, r_c, hp: Hyper, keep_exp: bool):
-  """The chunk's row stats (and aux). ``r_c`` marks the rows counted (see
-  :func:`_local_loss`); one whose logits ``x @ w`` are nevertheless all
-  ``-inf`` (only an infinite ``x`` or ``w`` does that) is a NaN row."""
+  """The chunk's row stats (and aux)."""
   st = row_stats(z, y_c, r_c, None, hp, int_labels=True, classes=classes,
                  keep_exp=keep_exp)
-  lost = r_c & ~st.counted
-  st = st._replace(counted=st.counted | lost, nan_row=st.nan_row | lost,
-                   xent=jnp.where(lost, jnp.nan, st.xent))
   aux = None
   if cfg.return_aux:
-    aux = row_aux(z, y_c, st.counted & ~lost, None, hp, int_labels=True,
+    aux = row_aux(z, y_c, st.counted, None, hp, int_labels=True,
                   classes=classes)
   return st, aux
 
@@ -333,18 +330,41 @@ class _Residuals(NamedTuple):
   need: _Need
 
 
-def _unit_cotangents(cfg: Config, w, y, row, hp) -> RowCotangents:
-  """Per-row cotangents of a unit output cotangent, before the loop (``row``
-  marks the counted rows, see :func:`_local_loss`)."""
+def _unit_cotangents(cfg: Config, w, bias, y, row, hp
+                     ) -> tuple[RowStats, RowCotangents]:
+  """Per-row cotangents of a unit output cotangent, before the loop, and
+  the row stats they assume: a row counts iff it is unmasked and the bias
+  leaves it a class (right unless infinite ``x`` or ``w`` drive a row's
+  every logit to ``-inf``: see :func:`_recount`)."""
+  classes = _classes(cfg, w)
+  counted = row
+  if bias is not None:
+    has_class = (bias[None, :] != -jnp.inf).astype(jnp.int32)
+    counted = row & (classes.max(has_class)[0] > 0)
   dtype = compute_dtype(w.dtype)
-  w_y = label_weights(y, hp, _classes(cfg, w).num_classes, dtype)
+  w_y = label_weights(y, hp, classes.num_classes, dtype)
   zero = jnp.zeros(y.shape, dtype)
-  pre = RowStats(lse=zero, xent=zero, counted=row,
-                 mean_weight=jnp.where(row, w_y, 0.0), target_mass=zero,
+  pre = RowStats(lse=zero, xent=zero, counted=counted,
+                 mean_weight=jnp.where(counted, w_y, 0.0), target_mass=zero,
                  support_size=zero, nan_row=zero.astype(bool), shift=zero,
                  log_sum=zero)
-  return _reduce.row_cotangents(pre, cfg.reduction, 1.0, int_labels=True,
-                        batch_axes=cfg.batch_axes)
+  return pre, _reduce.row_cotangents(pre, cfg.reduction, 1.0,
+                                     int_labels=True,
+                                     batch_axes=cfg.batch_axes)
+
+
+def _recount(cfg: Config, pre: RowStats, st: RowStats, hp: Hyper):
+  """The factor that makes gradients formed with the denominators of
+  ``pre`` those of the rows ``st`` counted: ``d_pre / d_true`` (1 but for
+  rows whose logits were all ``-inf``). Cross-entropy and z-loss terms
+  share one factor unless class weights and z-loss are both on; where
+  their factors then differ, NaN (no exact rescaling exists)."""
+  d_pre = _reduce.denominators(pre, cfg.reduction, cfg.batch_axes)
+  d_true = _reduce.denominators(st, cfg.reduction, cfg.batch_axes)
+  ratio = d_pre[0] / d_true[0]
+  if hp.z_loss is not None and hp.class_weights is not None:
+    ratio = jnp.where(ratio == d_pre[1] / d_true[1], ratio, jnp.nan)
+  return ratio
 
 
 def _fused_fwd(cfg: Config, x, w, bias, y, row, hp):
@@ -359,8 +379,11 @@ def _fused_fwd(cfg: Config, x, w, bias, y, row, hp):
         "summed.")
   in_forward = (cfg.reduction != "none" and not hp_on
                 and cfg.grad_in_forward is not False)
-  cot = _unit_cotangents(cfg, w, y, row, hp) if in_forward else None
+  pre, cot = (_unit_cotangents(cfg, w, bias, y, row, hp) if in_forward
+              else (None, None))
   st, aux, grads = _forward_sweep(cfg, x, w, bias, y, row, hp, need, cot)
+  if grads is not None and pre is not None:
+    grads = grads._replace(scale=_recount(cfg, pre, st, hp))
   return _outputs(cfg, st, aux, hp), _Residuals(
       grads=grads, features=x, weights=w, bias=bias, labels=y, hp=hp,
       stats=st, aux=aux, need=need)
@@ -378,6 +401,7 @@ def _fused_bwd(cfg: Config, res: _Residuals, g):
                           res.labels, res.hp, res.need, res.stats, res.aux,
                           cot, aux_cot)
   if res.grads is not None:  # the loss's share, formed in the forward pass
+    g = g if res.grads.scale is None else g * res.grads.scale
     out = out._replace(**{
         k: _add(g * a, getattr(out, k)) for k, a in zip(
             ("dx", "dw", "dbias"), res.grads[:3], strict=True)
@@ -409,11 +433,6 @@ def local_loss(cfg: Config, x, w, bias, labels, row, hp):
     y2 = jnp.pad(y2, (0, pad))
     row2 = jnp.pad(row2, (0, pad))
   cfg = cfg._replace(chunk=chunk)
-  if bias is not None:
-    # A row is counted iff it is unmasked and the bias leaves it a class:
-    # known before the loop, so the gradient can be formed inside it.
-    has_class = (bias[None, :] != -jnp.inf).astype(jnp.int32)
-    row2 = row2 & (_classes(cfg, w).max(has_class)[0] > 0)
   if cfg.vocab_axis is not None or cfg.batch_axes is not None:
     varying, (x2, w, bias) = _sharded.mesh_typing((x2, w, bias),
                                                   (y2, row2, hp))

@@ -31,6 +31,7 @@ from jax_softmax._numerics import (
     clean_rows,
     compute_dtype,
     mul0,
+    over_cap,
     shift_exp,
     soft_cap,
 )
@@ -325,7 +326,8 @@ def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
   g = _grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
   if hp.soft_cap is not None:
     assert zc is not None  # the kept-exp shortcut excludes a soft cap
-    g = g * jnp.where(zc != NEG_INF, 1 - jnp.square(zc / hp.soft_cap), 0.0)
+    g = g * jnp.where(zc != NEG_INF,
+                      1 - jnp.square(over_cap(zc, hp.soft_cap)), 0.0)
   keep = st.counted[:, None]
   if class_mask is not None:
     keep = keep & class_mask
@@ -367,7 +369,7 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
     g = _grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
     # d zc / d cap for zc = cap * tanh(z / cap).
     keep = valid & st.counted[:, None]
-    u = jnp.where(keep, z.astype(zc.dtype), 0.0) / hp.soft_cap
+    u = over_cap(jnp.where(keep, z.astype(zc.dtype), 0.0), hp.soft_cap)
     th = jnp.tanh(u)
     d_cap = classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
         1 - jnp.square(th))), 0.0)))

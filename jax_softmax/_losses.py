@@ -251,8 +251,9 @@ def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
     y = jnp.clip(target, 0, n - 1)[:, None]
     masked = in_range & ~jnp.take_along_axis(cmask, y, -1)[:, 0] & (
         jnp.any(cmask, axis=-1))
-    z_y = jnp.take_along_axis(z, y, -1)[:, 0]
-    raw = logsumexp(z, axis=-1, where=cmask) - z_y
+    zf = z.astype(out.dtype)   # the loss's dtype (float32 for halves)
+    raw = logsumexp(zf, axis=-1, where=cmask) - jnp.take_along_axis(
+        zf, y, -1)[:, 0]
     out = jnp.where(masked & r.row_mask, raw.astype(out.dtype), out)
   return out.reshape(r.batch_shape)
 

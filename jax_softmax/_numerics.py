@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 NEG_INF = -jnp.inf
 
@@ -60,10 +61,23 @@ def soft_cap(z, cap):
   """``cap * tanh(z / cap)``, ``-inf`` kept. Where ``|z / cap| < 2**-12``
   that equals ``z`` to within half an ulp (``tanh u = u (1 - u**2 / 3 +
   ...)``), and ``z`` itself is returned: a huge cap (``1e38``, where
-  ``z / cap`` underflows) is no cap."""
-  u = z / cap
+  ``z / cap`` underflows) is no cap.
+
+  """
+  u = over_cap(z, cap)
   capped = jnp.where(jnp.abs(u) < 2.0**-12, z, cap * jnp.tanh(u))
   return jnp.where(z == NEG_INF, NEG_INF, capped)
+
+
+def over_cap(z, cap):
+  """``z / cap`` for a scalar ``cap``, also for a huge one. XLA's CPU
+  backend divides by a scalar through its reciprocal, and ``1 / 1e38`` is
+  subnormal (flushed to 0): a cap above ``2**64`` divides as
+  ``(z 2**-64) / (cap 2**-64)`` instead (exact scalings; the barrier keeps
+  XLA from folding the two scalars into that subnormal reciprocal)."""
+  s = jnp.where(cap > 2.0**64, 2.0**-64, 1.0).astype(cap.dtype)
+  s, scaled_cap = lax.optimization_barrier((s, cap * s))
+  return (z * s) / scaled_cap
 
 
 class MatmulPolicy(NamedTuple):

@@ -28,7 +28,7 @@ def reduce_rows(st: RowStats, hp: Hyper, reduction: str,
   float32 beyond ``|lse| = 1.8e19``).
   """
   xent = st.xent if reduction == "none" else batch_sum(st.xent, batch_axes)
-  d_xent, d_z = _denominators(st, reduction, batch_axes)
+  d_xent, d_z = denominators(st, reduction, batch_axes)
   xent = xent / d_xent
   if hp.z_loss is None:
     return xent
@@ -38,7 +38,7 @@ def reduce_rows(st: RowStats, hp: Hyper, reduction: str,
   return xent + batch_sum(z_rows, batch_axes) / d_z
 
 
-def _denominators(st: RowStats, reduction: str, batch_axes: BatchAxes):
+def denominators(st: RowStats, reduction: str, batch_axes: BatchAxes):
   """Divisors of the summed cross-entropy and z-loss terms: for
   ``"mean"``, ``sum mean_weight`` and the count over counted rows, else 1.
 
@@ -61,7 +61,7 @@ def row_cotangents(st: RowStats, reduction: str, g, *, int_labels: bool,
   cotangent ``g``. Only ``counted``, ``mean_weight`` (and, for
   ``mean_xent``, ``xent``) of ``st`` are read."""
   g = jnp.asarray(g, st.xent.dtype)
-  d_xent, d_z = _denominators(st, reduction, batch_axes)
+  d_xent, d_z = denominators(st, reduction, batch_axes)
   mean_xent = jnp.zeros((), st.xent.dtype)
   if reduction == "mean" and int_labels:
     mean_xent = batch_sum(st.xent, batch_axes) / d_xent

@@ -8,8 +8,10 @@ exactly. Hyperparameter gradients (not in the reference) are checked
 against central differences of the reference in float64.
 
 Disagreements found are reduced to concrete examples at the end of the
-file, each a strict xfail; the properties skip exactly those conditions
-(``known_*`` predicates) so that they stay green until the fix lands.
+file: the bugs fixed since are plain tests there; the known limitations
+(float32 overflow of intermediate terms near 3e38, a ``+inf``
+log-probability) are strict xfails, and the properties skip exactly those
+conditions (``known_*`` predicates).
 """
 
 import jax
@@ -220,17 +222,6 @@ def term_scale(z, labels, g, kw):
   return float(np.max(terms, initial=0.0))
 
 
-def known_huge_cap_under_jit(z, kw):
-  """xfail test_huge_soft_cap_ignored_under_jit: under ``jit`` a literal
-  cap whose reciprocal is subnormal (cap > 8.5e37) is not applied (the
-  ``|z / cap| < 2**-12`` test sees 0), though ``|z / cap|`` is large."""
-  cap = kw.get("soft_cap")
-  if cap is None or 1.0 / cap >= np.finfo(F32).tiny:
-    return False
-  zz = np.abs(np.asarray(z, np.float64))
-  return bool(np.any(~np.isnan(zz) & (zz / cap >= 2.0**-12)))
-
-
 def known_nll_zero_weight_plus_inf(lp, labels, kw):
   """xfail test_nll_zero_weight_plus_inf_log_prob: a counted row whose
   target log-probability is ``+inf`` and whose label weight is 0 is NaN
@@ -241,17 +232,6 @@ def known_nll_zero_weight_plus_inf(lp, labels, kw):
   y = np.clip(labels.astype(np.int64), 0, lp.shape[1] - 1)
   lp_y = lp[np.arange(lp.shape[0]), y]
   return bool(np.any((lp_y == INF) & (kw["class_weights"][y] == 0)))
-
-
-def known_low_precision_masked_target(z, labels, where):
-  """Rows hit by xfail test_drop_in_masked_target_low_precision: the
-  integer drop-in scores a masked target by a logsumexp rounded to the
-  half-precision input dtype (the loss is documented float32)."""
-  n, c = z.shape
-  if z.dtype == F32 or where is None or np.ndim(where) != 2 or not c:
-    return np.zeros(n, bool)
-  y = np.clip(labels.astype(np.int64), 0, c - 1)
-  return ~where[np.arange(n), y] & where.any(-1)
 
 
 # --------------------------------------------------------------------------
@@ -296,8 +276,6 @@ def test_cross_entropy_matches_reference(case, data):
   combination, literal and traced hyperparameters, against the float64
   reference; NaN/inf patterns exact."""
   z, labels, kind, kw = case
-  if known_huge_cap_under_jit(z, kw):
-    return
   if known_float32_overflow(z, labels, kind, kw):
     return
   g = cotangent(data.draw, kw["reduction"], z.shape[0])
@@ -321,8 +299,6 @@ def test_return_aux_matches_reference(case, data):
   """``return_aux`` leaves the loss unchanged; ``lse`` and ``entropy`` of
   the capped, masked logits and ``correct`` match the reference."""
   z, labels, kind, kw = case
-  if known_huge_cap_under_jit(z, kw):
-    return
   kw = {**kw, "class_weights": None}
   where = kw.pop("where", None)
   static = dict(kw)
@@ -373,8 +349,6 @@ def test_hyperparameter_gradients_match_finite_differences(case, data):
   (central differences, exact for the linear ``eps`` and ``z_loss``) wherever
   that reference is finite around the point."""
   z, labels, kind, kw = case
-  if known_huge_cap_under_jit(z, kw):
-    return
   if known_float32_overflow(z, labels, kind, kw):
     return
   if kw["class_weights"] is None and data.draw(st.booleans()):
@@ -483,8 +457,6 @@ def test_optax_drop_ins_match_reference(case, data):
     counted = np.any(f64(z) > -INF, -1) if where is None or np.ndim(
         where) != 2 else np.any(where, -1)
     expected = np.where(poison & counted, np.nan, expected)
-    skip = known_low_precision_masked_target(z, labels, where)
-    out, expected = np.asarray(out)[~skip], expected[~skip]
     assert_match(out, expected, *LTOL, "integer drop-in")
     return
   g = cotangent(data.draw, "none", z.shape[0])
@@ -587,25 +559,6 @@ def fused_logits(x, w, bias):
   return z if bias is None else z + jnp.asarray(bias).astype(F32)[None, :]
 
 
-def known_fused_mean_dead_rows(z, labels, kw, fused):
-  """xfail test_fused_mean_counts_rows_with_no_class_left: with the
-  gradient formed in the forward pass, a row whose logits are all ``-inf``
-  (but not because the whole bias is) still enters the mean's
-  denominators, so dx, dw and dbias are scaled wrongly."""
-  if kw["reduction"] != "mean" or fused["grad_in_forward"] is False:
-    return False
-  zz = np.asarray(z, np.float64)
-  if zz.size == 0:
-    return False
-  row = np.ones(zz.shape[0], bool)
-  if kw.get("where") is not None:
-    row &= kw["where"]
-  if kw["ignore_index"] is not None:
-    row &= labels.astype(np.int64) != kw["ignore_index"]
-  dead = np.all(zz == -INF, -1)
-  return bool(np.any(row & dead) and np.any(row & ~dead))
-
-
 @FAST
 @given(fused_cases(), st.data())
 def test_linear_cross_entropy_matches_cross_entropy(case, data):
@@ -615,8 +568,6 @@ def test_linear_cross_entropy_matches_cross_entropy(case, data):
   x, w, bias, labels, kw, fused = case
   wl = w.T.copy() if fused["w_layout"] == "vd" else w
   z = fused_logits(x, w, bias)
-  if known_huge_cap_under_jit(z, kw):
-    return
   if known_float32_overflow(z, labels, "int", kw):
     return
   g = cotangent(data.draw, kw["reduction"], x.shape[0])
@@ -659,8 +610,6 @@ def test_linear_cross_entropy_matches_cross_entropy(case, data):
     np.testing.assert_array_equal(out[1].correct, rout[1].correct)
   expected = ref.cross_entropy(f64(z), labels, **kw)
   assert_match(loss, expected, *LTOL, "fused loss vs reference")
-  if known_fused_mean_dead_rows(z, labels, kw, fused):
-    return
   edz, _ = ref.cross_entropy_vjp(f64(z), labels, f64(g), **kw)
   rtol, atol = GTOL[x.dtype.name]
   scale = term_scale(z, labels, f64(g), kw)
@@ -693,9 +642,6 @@ def _grad_pair(f, g_ref, *args):
       g_ref, range(len(args)))(*args)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fused mean with grad_in_forward counts rows whose logits are all -inf "
-    "(no class left) in the denominator: dx/dw halved here"))
 @pytest.mark.parametrize("grad_in_forward", (None, True))
 def test_fused_mean_counts_rows_with_no_class_left(grad_in_forward):
   # Row 0's logits overflow to -inf on every class (3e38 * -4); row 1 is
@@ -714,24 +660,24 @@ def test_fused_mean_counts_rows_with_no_class_left(grad_in_forward):
 
   np.testing.assert_allclose(fused(x, w), plain(x, w), rtol=1e-6)
   (dx, dw), (edx, edw) = _grad_pair(fused, plain, x, w)
-  # Library: dw[:, 1] = [0, -0.1344707]; cross_entropy: [0, -0.2689414].
+  # Before the fix: dw[:, 1] = [0, -0.1344707], not [0, -0.2689414].
   np.testing.assert_allclose(dw, edw, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(dx, edx, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "under jit a literal soft_cap=1e38 (reciprocal subnormal) is not "
-    "applied: 3e38 stays 3e38 instead of 1e38 * tanh(3)"))
-def test_huge_soft_cap_ignored_under_jit():
+def test_huge_soft_cap_applied_under_jit():
+  # Under jit a literal cap may be divided by through its reciprocal, and
+  # 1 / 1e38 is subnormal (flushed to 0): it once left 3e38 uncapped.
   z = np.array([[3e38, 0.0]], F32)
   y = np.array([1])
   eager = js.cross_entropy(z, y, soft_cap=1e38)
   np.testing.assert_allclose(eager, 1e38 * np.tanh(3.0), rtol=1e-6)
   jitted = jax.jit(lambda z: js.cross_entropy(z, y, soft_cap=1e38))(z)
-  np.testing.assert_allclose(jitted, 1e38 * np.tanh(3.0), rtol=1e-6)  # 3e38
+  np.testing.assert_allclose(jitted, 1e38 * np.tanh(3.0), rtol=1e-6)
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "known limitation (docs/numerics.md): "
     "label smoothing: sum_S (z_c - m) overflows float32 (+inf) though the "
     "loss, 1.5e38, is representable"))
 def test_overflow_smoothing_spread_beyond_float32_max():
@@ -741,6 +687,7 @@ def test_overflow_smoothing_spread_beyond_float32_max():
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "known limitation (docs/numerics.md): "
     "probability target: -log p_c = log_s - (z_c - m) overflows float32 "
     "(+inf) though 0.5 * 6e38 = 3e38 is representable"))
 def test_overflow_probability_target_spread_beyond_float32_max():
@@ -750,6 +697,7 @@ def test_overflow_probability_target_spread_beyond_float32_max():
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "known limitation (docs/numerics.md): "
     "'mean' sums the row losses before dividing: 3e38 + 3e38 overflows "
     "float32 though the mean, 3e38, is representable"))
 def test_overflow_mean_of_huge_row_losses():
@@ -759,8 +707,8 @@ def test_overflow_mean_of_huge_row_losses():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "nll_loss: a zero-weight target whose log-probability is +inf gives NaN "
-    "(0 * -inf); the reference drops the zero-coefficient term (0)"))
+    "by design: a +inf log-probability is no valid input, and the library "
+    "gives NaN (0 * -inf) where the reference drops the zero-weight term"))
 def test_nll_zero_weight_plus_inf_log_prob():
   lp = np.array([[INF, 0.0]], F32)
   y = np.array([0])
@@ -773,11 +721,9 @@ def test_nll_zero_weight_plus_inf_log_prob():
   np.testing.assert_array_equal(jax.grad(f)(lp), [[0.0, 0.0]])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "softmax_cross_entropy_with_integer_labels: a masked target is scored "
-    "by a logsumexp rounded to bfloat16 (1.1015625, not log 3), though the "
-    "loss is documented float32"))
-def test_drop_in_masked_target_low_precision():
+def test_drop_in_masked_target_in_float32():
+  # A masked target is scored by a logsumexp in the loss's dtype (float32),
+  # not rounded to bfloat16 (1.1015625).
   z = jnp.zeros((1, 4), BF16)
   where = np.array([[False, True, True, True]])
   out = js.softmax_cross_entropy_with_integer_labels(z, np.array([0]),

@@ -143,21 +143,48 @@ def test_logsumexp_and_log_softmax_keep_tiny_non_max_terms():
                                      b=jnp.array([1.0, -1.0]))))
 
 
-def test_fused_row_with_all_logits_minus_inf_is_nan():
-  # The fused loss counts a row when it is unmasked and the bias leaves it
-  # a class (known before the loop); an infinite x that drives every logit
-  # to -inf makes that row NaN, value and gradient, whatever the path.
+@pytest.mark.parametrize("gif", [None, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_row_with_all_logits_minus_inf_is_uncounted(gif, reduction):
+  # An infinite x drives every logit of row 1 to -inf: cross_entropy of
+  # those logits leaves the row out of the mean, and so must the fused
+  # loss, whose gradient in the forward pass fixes the mean's denominator
+  # before the loop (it is rescaled afterwards).
   x = jnp.array([[1.0, 0.0], [jnp.inf, 0.0], [0.5, 1.0]])
   w = jnp.array([[-1.0, -2.0, -3.0], [1.0, 0.0, 2.0]])
   y = jnp.array([0, 1, 2])
+  kw = dict(reduction=reduction, label_smoothing=0.2, z_loss=1e-2)
+  fused = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
+      x, w, y, chunk_size=2, grad_in_forward=gif, **kw), (0, 1))(x, w)
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  want = ref.cross_entropy(z, np.asarray(y), **kw)
+  g = np.nan_to_num(ref.cross_entropy_vjp(z, np.asarray(y), **kw)[0])
+  np.testing.assert_allclose(float(fused[0]), want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(fused[1][1]),
+                             np.asarray(x[::2]).T @ g[::2], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(fused[1][0][::2]),
+                             g[::2] @ np.asarray(w).T, rtol=1e-5)
+  assert (np.asarray(fused[1][0][1]) == 0).all()
+
+
+def test_fused_recount_with_class_weights_and_z_loss_is_nan():
+  # With class weights the cross-entropy's and the z-loss's denominators
+  # change by different factors when a row drops out: no one rescaling is
+  # exact, so the gradient formed in the forward pass is NaN (the value is
+  # exact, and grad_in_forward=False gives the exact gradient).
+  x = jnp.array([[1.0, 0.0], [jnp.inf, 0.0], [0.5, 1.0]])
+  w = jnp.array([[-1.0, -2.0, -3.0], [1.0, 0.0, 2.0]])
+  y = jnp.array([0, 2, 1])   # the lost row weighs 3 of 6, a third of rows
+  kw = dict(class_weights=jnp.array([1.0, 2.0, 3.0]), z_loss=1e-2)
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  want = ref.cross_entropy(z, np.asarray(y), **kw)
+  g = np.nan_to_num(ref.cross_entropy_vjp(z, np.asarray(y), **kw)[0])
   for gif in (None, False):
-    loss, dx = jax.value_and_grad(
-        lambda x, gif=gif: js.linear_cross_entropy(
-            x, w, y, chunk_size=2, grad_in_forward=gif, reduction="sum"))(x)
-    assert np.isnan(float(loss))
-    assert np.isnan(np.asarray(dx[1])).all()
-  per_row = js.linear_cross_entropy(x, w, y, reduction="none")
-  assert np.isnan(float(per_row[1]))
-  want = ref.cross_entropy(np.asarray(x[::2] @ w), np.asarray(y[::2]),
-                           reduction="none")
-  np.testing.assert_allclose(np.asarray(per_row[::2]), want, rtol=1e-6)
+    loss, dw = jax.value_and_grad(lambda w, gif=gif: js.linear_cross_entropy(
+        x, w, y, grad_in_forward=gif, **kw))(w)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    if gif is None:
+      assert np.isnan(np.asarray(dw)).all()
+    else:
+      np.testing.assert_allclose(np.asarray(dw), np.asarray(x[::2]).T @ g[::2],
+                                 rtol=1e-5)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import rel_err
 
 import jax_softmax as js
 
@@ -22,12 +23,6 @@ def _data(dtype=jnp.float32, b=B, v=V, seed=0):
   bias = jax.random.normal(k[2], (v,), dtype)
   y = jax.random.randint(k[3], (b,), 0, v)
   return x, w, bias, y
-
-
-def _rel_err(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
 OPTIONS = {
@@ -71,7 +66,7 @@ def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
   got = jax.value_and_grad(fused, (0, 1, 2))(x, w, bias)
   want = jax.value_and_grad(plain, (0, 1, 2))(x, w, bias)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert _rel_err(g, e) < 2e-5
+    assert rel_err(g, e) < 2e-5
 
 
 @pytest.mark.slow
@@ -89,7 +84,7 @@ def test_equals_optax_any_chunk(chunk, b):
   got = jax.value_and_grad(fused, (0, 1))(x, w)
   want = jax.value_and_grad(ref, (0, 1))(x, w)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert _rel_err(g, e) < 2e-5
+    assert rel_err(g, e) < 2e-5
 
 
 def test_all_ignored_batch_gives_zero_loss_and_gradient():
@@ -120,7 +115,7 @@ def test_hyperparameter_gradients_match_plain():
   got = jax.grad(fused, (0, 1, 2, 3))(*args)
   want = jax.grad(plain, (0, 1, 2, 3))(*args)
   for g, e in zip(got, want, strict=True):
-    assert _rel_err(g, e) < 1e-5
+    assert rel_err(g, e) < 1e-5
 
 
 @pytest.mark.slow
@@ -130,10 +125,10 @@ def test_leading_batch_dims_and_vmap():
   per_row = js.linear_cross_entropy(x3, w, y3, reduction="none")
   chex.assert_shape(per_row, (3, 4))
   want = js.cross_entropy(x @ w, y, reduction="none").reshape(3, 4)
-  assert _rel_err(per_row, want) < 1e-6
+  assert rel_err(per_row, want) < 1e-6
   means = jax.vmap(lambda a, b: js.linear_cross_entropy(a, w, b,
                                                         chunk_size=3))(x3, y3)
-  assert _rel_err(means, want.mean(axis=1)) < 1e-6
+  assert rel_err(means, want.mean(axis=1)) < 1e-6
 
 
 @pytest.mark.slow

@@ -501,3 +501,50 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> np.ndarray:
   if where is not None and np.ndim(where) == z.ndim:
     t = np.where(np.broadcast_to(where, z.shape), t, 0.0)
   return cross_entropy(z, t, axis=axis, where=where, reduction="none")
+
+
+# --------------------------------------------------------------------------
+# the fused linear cross-entropy: the logits formed here, the loss above
+
+
+def _linear_logits(x, w, bias, w_layout):
+  """``(x, w as (d, V), x @ w + bias)`` in float64."""
+  if w_layout not in ("dv", "vd"):
+    raise ValueError(f"w_layout must be 'dv' or 'vd', got {w_layout!r}")
+  x, w = _f64(x), _f64(w)
+  w = w if w_layout == "dv" else w.T
+  z = x @ w
+  if bias is not None:
+    z = z + _f64(bias)
+  return x, w, z
+
+
+def linear_cross_entropy(x, w, labels, *, bias=None, w_layout="dv",
+                         **cross_entropy_options) -> np.ndarray:
+  """:func:`cross_entropy` of the logits ``x @ w + bias``, formed in float64.
+
+  ``x`` is ``(..., d)``, ``w`` is ``(d, V)`` (``(V, d)`` with ``w_layout=
+  "vd"``), ``bias`` ``(V,)``; the classes are the last axis of the logits.
+  """
+  _, _, z = _linear_logits(x, w, bias, w_layout)
+  return cross_entropy(z, labels, **cross_entropy_options)
+
+
+def linear_cross_entropy_vjp(x, w, labels, g=1.0, *, bias=None,
+                             w_layout="dv", **cross_entropy_options):
+  """``(d_x, d_w, d_bias)`` of ``<g, linear_cross_entropy(...)>``.
+
+  With ``G`` the logits' gradient of :func:`cross_entropy_vjp` (rows
+  flattened to ``(n, V)``): ``d_x = G w^T``, ``d_w = x^T G`` (its transpose
+  for ``w_layout="vd"``) and ``d_bias`` the sum of ``G`` over the rows
+  (None without a bias).
+  """
+  x, wdv, z = _linear_logits(x, w, bias, w_layout)
+  dz, _ = cross_entropy_vjp(z, labels, g, **cross_entropy_options)
+  d, v = wdv.shape
+  xr, dzr = x.reshape(-1, d), dz.reshape(-1, v)
+  dx = (dzr @ wdv.T).reshape(x.shape)
+  dw = xr.T @ dzr
+  dw = dw if w_layout == "dv" else dw.T
+  db = None if bias is None else np.sum(dzr, axis=0)
+  return dx, dw, db

@@ -1,4 +1,10 @@
-"""Fused linear cross-entropy: equality, memory and work, checked cold."""
+"""Fused linear cross-entropy: equality, memory and work, checked cold.
+
+Values and gradients are checked twice: against the library's own
+cross_entropy on the logits (which shares the row kernel) and against the
+independent float64 NumPy reference (reference.linear_cross_entropy), in
+float32 and, under jax.enable_x64, in float64.
+"""
 
 import re
 from collections import Counter
@@ -9,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
+from helpers import assert_close, finite_scale, rel_err
 
 import jax_softmax as js
 
@@ -22,12 +30,6 @@ def _data(dtype=jnp.float32, b=B, v=V, seed=0):
   bias = jax.random.normal(k[2], (v,), dtype)
   y = jax.random.randint(k[3], (b,), 0, v)
   return x, w, bias, y
-
-
-def _rel_err(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
 OPTIONS = {
@@ -46,13 +48,44 @@ OPTIONS = {
 
 CASES = [(r, o, None) for r in ("mean", "sum", "none") for o in OPTIONS] + [
     (r, "all", False) for r in ("mean", "sum")]
+# float64 runs compile once more: every option per row ("none", the rows
+# weighted by a cotangent), every reduction with all options at once.
+F64_CASES = [("none", o, None) for o in OPTIONS] + [
+    (r, "all", g) for r in ("mean", "sum") for g in (None, False)]
+
+
+def _labels(option, y):
+  """The labels of an option's case: one ignored row where it sets
+  ignore_index."""
+  return y.at[3].set(-100) if "ignore" in str(OPTIONS[option]) else y
+
+
+def _reference(x, w, bias, y, reduction, cot, opts, w_layout="dv"):
+  """The float64 reference's ``(value, (d_x, d_w, d_bias))`` of the scalar
+  the tests differentiate: the loss, or ``sum(loss * cot)`` for
+  ``reduction="none"`` (``d_bias`` is None without a bias)."""
+  g = np.asarray(cot, np.float64) if reduction == "none" else 1.0
+  kw = dict(opts, bias=bias, w_layout=w_layout, reduction=reduction)
+  value = ref.linear_cross_entropy(x, w, y, **kw)
+  grads = ref.linear_cross_entropy_vjp(x, w, y, g, **kw)
+  return (np.sum(value * g) if reduction == "none" else value), grads
+
+
+def _assert_matches_reference(got, want, dtype):
+  """``value_and_grad``'s ``(value, grads)`` against :func:`_reference`'s
+  (leaf by leaf: a None gradient is no leaf), within ``TOL[dtype]`` with
+  the atol scaled by each expected array's size."""
+  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got) == len(want)
+  for g, e in zip(got, want, strict=True):
+    assert_close(g, e, dtype, finite_scale(e))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("reduction", "option", "grad_in_forward"), CASES)
 def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
   x, w, bias, y = _data()
-  y = y.at[3].set(-100) if "ignore" in str(OPTIONS[option]) else y
+  y = _labels(option, y)
   opts = OPTIONS[option]
   cot = jnp.linspace(-1.0, 2.0, B)
 
@@ -71,7 +104,62 @@ def test_equals_cross_entropy_on_logits(reduction, option, grad_in_forward):
   got = jax.value_and_grad(fused, (0, 1, 2))(x, w, bias)
   want = jax.value_and_grad(plain, (0, 1, 2))(x, w, bias)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert _rel_err(g, e) < 2e-5
+    assert rel_err(g, e) < 2e-5
+  # The independent float64 reference of the same (float32) inputs.
+  _assert_matches_reference(
+      got, _reference(x, w, bias, y, reduction, cot, opts), jnp.float32)
+
+
+def _float64(opts):
+  """The options with their float arrays in float64 (inside enable_x64)."""
+  return {k: jnp.asarray(v, jnp.float64)
+          if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v
+          for k, v in opts.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("reduction", "option", "grad_in_forward"),
+                         F64_CASES)
+def test_float64_equals_reference(reduction, option, grad_in_forward):
+  with jax.enable_x64(True):
+    x, w, bias, y = _data(jnp.float64)
+    y = _labels(option, y)
+    opts = _float64(OPTIONS[option])
+    cot = jnp.linspace(-1.0, 2.0, B, dtype=jnp.float64)
+
+    def fused(x, w, bias):
+      out = js.linear_cross_entropy(
+          x, w, y, bias=bias, chunk_size=4, reduction=reduction,
+          grad_in_forward=grad_in_forward, **opts)
+      return jnp.sum(out * cot) if reduction == "none" else out
+
+    got = jax.value_and_grad(fused, (0, 1, 2))(x, w, bias)
+    chex.assert_type(jax.tree.leaves(got), jnp.float64)
+    _assert_matches_reference(
+        got, _reference(x, w, bias, y, reduction, cot, opts), jnp.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [None, 1, 5, B, 64])
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+def test_float64_layouts_and_chunks_equal_reference(chunk, w_layout):
+  # Chunks that divide the batch (1, B) and that do not (5, 64 > B), in
+  # both layouts, with every option: the mean's divisor (counted rows,
+  # summed class weights) gathered over the chunks.
+  with jax.enable_x64(True):
+    x, w, bias, y = _data(jnp.float64)
+    y = _labels("all", y)
+    opts = _float64(OPTIONS["all"])
+    w = w if w_layout == "dv" else jnp.asarray(w.T)
+
+    def fused(x, w, bias):
+      return js.linear_cross_entropy(x, w, y, bias=bias, chunk_size=chunk,
+                                     w_layout=w_layout, **opts)
+
+    got = jax.value_and_grad(fused, (0, 1, 2))(x, w, bias)
+    _assert_matches_reference(
+        got, _reference(x, w, bias, y, "mean", None, opts, w_layout),
+        jnp.float64)
 
 
 @pytest.mark.slow
@@ -83,13 +171,15 @@ def test_equals_optax_any_chunk(chunk, b):
   def fused(x, w):
     return js.linear_cross_entropy(x, w, y, chunk_size=chunk)
 
-  def ref(x, w):
+  def plain(x, w):
     return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
 
   got = jax.value_and_grad(fused, (0, 1))(x, w)
-  want = jax.value_and_grad(ref, (0, 1))(x, w)
+  want = jax.value_and_grad(plain, (0, 1))(x, w)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert _rel_err(g, e) < 2e-5
+    assert rel_err(g, e) < 2e-5
+  _assert_matches_reference(got, _reference(x, w, None, y, "mean", None, {}),
+                            jnp.float32)
 
 
 def test_all_ignored_batch_gives_zero_loss_and_gradient():
@@ -120,7 +210,7 @@ def test_hyperparameter_gradients_match_plain():
   got = jax.grad(fused, (0, 1, 2, 3))(*args)
   want = jax.grad(plain, (0, 1, 2, 3))(*args)
   for g, e in zip(got, want, strict=True):
-    assert _rel_err(g, e) < 1e-5
+    assert rel_err(g, e) < 1e-5
 
 
 @pytest.mark.slow
@@ -130,10 +220,12 @@ def test_leading_batch_dims_and_vmap():
   per_row = js.linear_cross_entropy(x3, w, y3, reduction="none")
   chex.assert_shape(per_row, (3, 4))
   want = js.cross_entropy(x @ w, y, reduction="none").reshape(3, 4)
-  assert _rel_err(per_row, want) < 1e-6
+  assert rel_err(per_row, want) < 1e-6
+  want64 = ref.linear_cross_entropy(x3, w, y3, reduction="none")
+  assert_close(per_row, want64, jnp.float32, finite_scale(want64))
   means = jax.vmap(lambda a, b: js.linear_cross_entropy(a, w, b,
                                                         chunk_size=3))(x3, y3)
-  assert _rel_err(means, want.mean(axis=1)) < 1e-6
+  assert rel_err(means, want.mean(axis=1)) < 1e-6
 
 
 @pytest.mark.slow
@@ -150,6 +242,12 @@ def test_low_precision_dtypes(dtype):
   lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
   want = np.mean(lse - z[np.arange(B), np.asarray(y)])
   assert abs(float(loss) - want) / want < 2e-2
+  # The float64 reference of the rounded inputs: the float32-accumulated
+  # loss within float32's bound, the gradients within their dtype's.
+  want, (edx, edw, _) = _reference(x, w, None, y, "mean", None, {})
+  assert_close(loss, want, jnp.float32, finite_scale(want))
+  assert_close(dx, edx, dtype, finite_scale(edx))
+  assert_close(dw, edw, dtype, finite_scale(edw))
 
 
 def _compiled(f, *args):
@@ -204,6 +302,10 @@ def test_tied_embedding_layout_vd_is_used_as_is(use):
   value, (dx, dw, db) = jax.value_and_grad(loss, (0, 1, 2))(x, w, bias)
   chex.assert_trees_all_close(got, (value, (dx, dw.T, db)), rtol=2e-5,
                               atol=1e-6)
+  if use != "aux_entropy":  # (the reference has no entropy term)
+    _assert_matches_reference(
+        got, _reference(x, emb, bias, y, use, cot, {}, w_layout="vd"),
+        jnp.float32)
   # The (V, d) embedding and its gradient are neither copied nor
   # transposed (a copy of a zeros broadcast, a loop's initial accumulator,
   # is not one), and the matmul counts are those of the (d, V) layout.
@@ -298,14 +400,14 @@ def test_memory_at_most_one_eighth_of_optax():
   def fused(x, w, y):
     return js.linear_cross_entropy(x, w, y)
 
-  def ref(x, w, y):
+  def plain(x, w, y):
     return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
 
   def temp(f):
     compiled = _compiled(jax.value_and_grad(f, (0, 1)), *args)
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temp(fused) * 8 <= temp(ref)
+  assert temp(fused) * 8 <= temp(plain)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
+from helpers import LOW, assert_close, assert_scaled_close, ulp_close
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -18,11 +19,8 @@ import jax_softmax as js
 N, C = 6, 5
 IGNORE = -100
 REDUCTIONS = ("mean", "sum", "none")
-LOW = (jnp.bfloat16, jnp.float16)
-# (rtol, atol) of gradients from inputs of each dtype (gradients come back
-# in the input dtype; losses are float32 and checked tighter).
-GTOL = {jnp.bfloat16: (2e-2, 2e-2), jnp.float16: (3e-3, 3e-3),
-        jnp.float32: (1e-5, 1e-6), jnp.float64: (1e-12, 1e-13)}
+# Gradients come back in the input dtype and are checked with helpers.TOL;
+# losses are float32 and checked tighter.
 
 W = np.array([0.5, 1.0, 2.0, 1.5, 0.25], np.float32)
 OPTS = {
@@ -89,14 +87,6 @@ _STATIC = ("axis", "ignore_index", "reduction", "check_labels")
 CE = jax.jit(js.cross_entropy, static_argnames=_STATIC)
 CE_VG = jax.jit(jax.value_and_grad(js.cross_entropy), static_argnames=_STATIC)
 CE_GRAD = jax.jit(jax.grad(js.cross_entropy), static_argnames=_STATIC)
-
-
-def ulp_close(actual, expected, ulps, tiny=0.0):
-  actual = np.asarray(actual, np.float64)
-  spacing = np.spacing(np.abs(expected).astype(np.float32)).astype(
-      np.float64)
-  err = np.abs(actual - expected)
-  assert np.all(err <= ulps * spacing + tiny), np.max(err / spacing)
 
 
 # --------------------------------------------------------------------------
@@ -318,13 +308,10 @@ def test_low_precision_against_float64(kind, dtype, opts):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     edz, edt = ref.cross_entropy_vjp(z64, lab64, g, reduction=reduction,
                                      **kw)
-    rtol, atol = GTOL[dtype]
-    np.testing.assert_allclose(np.asarray(dz, np.float64), edz, rtol=rtol,
-                               atol=atol * np.max(np.abs(edz)))
+    assert_close(dz, edz, dtype, np.max(np.abs(edz)))
     if kind == "prob":
       chex.assert_type(dt, dtype)
-      np.testing.assert_allclose(np.asarray(dt, np.float64), edt,
-                                 rtol=rtol, atol=atol * np.max(np.abs(edt)))
+      assert_close(dt, edt, dtype, np.max(np.abs(edt)))
 
 
 def test_float64_logits_give_float64_loss_and_float32_stays():
@@ -967,9 +954,7 @@ def test_optax_names_three_ways(name, where_kind):
     np.testing.assert_allclose(out, ref.cross_entropy(z64, labels, **kwr),
                                rtol=1e-5, atol=1e-6)
     edz, _ = ref.cross_entropy_vjp(z64, labels, g, **kwr)
-    rtol, atol = GTOL[dtype]
-    np.testing.assert_allclose(np.asarray(dz, np.float64), edz, rtol=rtol,
-                               atol=atol * np.max(np.abs(edz)))
+    assert_close(dz, edz, dtype, np.max(np.abs(edz)))
 
 
 def test_optax_names_match_cross_entropy_none():
@@ -1094,10 +1079,7 @@ def test_nll_low_precision(dtype):
   chex.assert_type(d, dtype)
   np.testing.assert_allclose(out, ref.nll_loss(lp64, Y, class_weights=W),
                              rtol=1e-6)
-  rtol, atol = GTOL[dtype]
-  np.testing.assert_allclose(np.asarray(d, np.float64),
-                             ref.nll_loss_vjp(lp64, Y, class_weights=W),
-                             rtol=rtol, atol=atol)
+  assert_close(d, ref.nll_loss_vjp(lp64, Y, class_weights=W), dtype)
 
 
 @pytest.mark.parametrize("transform", ("eager", "jit", "vmap"))
@@ -1214,16 +1196,6 @@ def loss_case(draw):
   return z, labels, axis, where, ignore, opts, reduction
 
 
-def _scaled_close(actual, expected, rtol):
-  actual = np.asarray(actual, np.float64)
-  finite = np.isfinite(expected)
-  scale = max(1.0, float(np.max(np.abs(expected[finite]), initial=0.0)))
-  np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
-  np.testing.assert_array_equal(actual[~finite], expected[~finite])
-  np.testing.assert_allclose(actual[finite], expected[finite], rtol=rtol,
-                             atol=rtol * scale)
-
-
 @given(loss_case())
 def test_property_cross_entropy_matches_reference(case):
   z, labels, axis, where, ignore, opts, reduction = case
@@ -1235,9 +1207,9 @@ def test_property_cross_entropy_matches_reference(case):
   out, dz, dt = lib_vjp(js.cross_entropy, jnp.asarray(z), jnp.asarray(labels),
                         jnp.asarray(g), kind, jit=True, **kw)
   edz, edt = ref.cross_entropy_vjp(z, labels, g, **kw)
-  _scaled_close(out, expected, 1e-5)
-  _scaled_close(dz, edz, 1e-5)
+  assert_scaled_close(out, expected, 1e-5)
+  assert_scaled_close(dz, edz, 1e-5)
   if kind == "prob":
-    _scaled_close(dt, edt, 1e-5)
+    assert_scaled_close(dt, edt, 1e-5)
   # No NaN appears from finite, -inf or masked inputs.
   assert not np.any(np.isnan(np.asarray(dz)))

@@ -134,6 +134,16 @@ def softmax_with_gradients(
   ``(b, d)``, ``y`` ``(b,)``), jitted and stable: ``loss`` is
   :func:`linear_softmax_loss` and ``dW = X^T (P - Y) / b + 2 reg W``.
 
+  Args:
+    W: ``(d, c)`` weights.
+    X: ``(b, d)`` features.
+    y: ``(b,)`` integer labels, every one in ``[0, c)`` (a concrete bad
+      label raises ``ValueError``; there is no ``ignore_index``).
+    reg: scalar L2 coefficient.
+
+  Returns:
+    ``(loss, dW)``: the scalar loss and its gradient, of ``W``'s shape.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from jax_softmax import softmax_with_gradients

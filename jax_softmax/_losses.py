@@ -273,6 +273,23 @@ def softmax_cross_entropy_with_integer_labels(
   Departures: a label outside ``[0, classes)`` gives NaN (optax wraps
   negative labels and clips large ones), there is no ``ignore_index``, and
   the loss is float32 for bfloat16/float16 logits.
+
+  Args:
+    logits: ``(..., classes)`` floating logits.
+    labels: integer labels of the batch shape.
+    axis: the class axis (int, or a tuple flattened into one).
+    where: optional boolean mask: of the logits' rank, a class mask; else a
+      row mask broadcast to the batch shape (masked rows give 0).
+
+  Returns:
+    The per-example loss, of the batch shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax_softmax import softmax_cross_entropy_with_integer_labels
+    >>> softmax_cross_entropy_with_integer_labels(
+    ...     jnp.array([[0.0, 0.0], [1000.0, 0.0]]), jnp.array([0, 1]))
+    Array([6.931472e-01, 1.000000e+03], dtype=float32)
   """
   return _optax_drop_in(logits, labels, axis, where)
 
@@ -292,6 +309,24 @@ def softmax_cross_entropy(
   ``-inf`` logits on classes with zero target mass give a finite loss
   (optax: NaN), and the loss is float32 for bfloat16/float16 logits. The
   gradient with respect to ``labels`` is exact.
+
+  Args:
+    logits: ``(..., classes)`` floating logits.
+    labels: probabilities (or integer one-hot labels) broadcastable to the
+      logits' shape.
+    axis: the class axis (int, or a tuple flattened into one).
+    where: optional boolean mask: of the logits' rank, a class mask (those
+      classes leave the sum); else a row mask broadcast to the batch shape.
+
+  Returns:
+    The per-example loss, of the batch shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax_softmax import softmax_cross_entropy
+    >>> softmax_cross_entropy(jnp.array([[0.0, -jnp.inf]]),
+    ...                       jnp.array([[1.0, 0.0]]))
+    Array([0.], dtype=float32)
   """
   z = _checks.as_float_array(logits, "logits")
   t = jnp.asarray(labels)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -124,36 +124,65 @@ def _classes(cfg: Config, w) -> Classes:
   return _sharded.classes_of(_vocab(cfg, w), cfg.vocab_axis)
 
 
-def _logits(cfg: Config, x_c, w, bias):
+class _Weights(NamedTuple):
+  """``w`` in the matmuls' operand dtype, in one or both layouts: ``dv``
+  ``(d, V)`` is the plain operand of the logits ``x_c @ dv``, ``vd``
+  ``(V, d)`` that of ``dx_c = dz @ vd``. One is the input; the other is a
+  copy made once per sweep when the policy wants plain products
+  (``plain_w``), else None (that product takes the other transposed)."""
+
+  dv: jax.Array | None
+  vd: jax.Array | None
+
+  @property
+  def dtype(self):
+    return (self.vd if self.dv is None else self.dv).dtype
+
+
+def _weights(cfg: Config, w) -> _Weights:
+  w = w.astype(compute_dtype(w.dtype) if cfg.policy.upcast else w.dtype)
+  other = jnp.swapaxes(w, 0, 1) if cfg.policy.plain_w else None
+  return _Weights(other, w) if cfg.vocab_major else _Weights(w, other)
+
+
+def _dot(a, b, a_dim: int, b_dim: int):
+  """``a . b`` contracting ``a_dim`` with ``b_dim``, float32 accumulated."""
+  return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())),
+                         preferred_element_type=compute_dtype(a.dtype))
+
+
+def _logits(x_c, ws: _Weights, bias):
   """``(c, V)`` float32 logits of one chunk (input dtype, f32 accumulate)."""
-  z = lax.dot_general(x_c, w, (((1,), (int(cfg.vocab_major),)), ((), ())),
-                      preferred_element_type=compute_dtype(x_c.dtype))
+  z = _dot(x_c, ws.dv, 1, 0) if ws.dv is not None else _dot(x_c, ws.vd, 1, 1)
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def _matmuls(cfg: Config, x_c, xt_c, w, dz, keep, need: _Need):
+def _matmuls(cfg: Config, x_c, xt_c, ws: _Weights, dz, keep, need: _Need):
   """``dx_c = dz w^T`` and ``dw_c = x_c^T dz`` (``dz^T x_c`` when ``w`` is
-  ``(V, d)``), both accumulated and returned in float32.
+  ``(V, d)`` and ``xt_c`` is None), accumulated and returned in float32;
+  ``dz`` is rounded to the operands' dtype once, before both.
 
   ``xt_c``, when given, is ``x_c^T`` as a ``(d, c)`` array: ``dw_c`` is
-  then a plain ``(d, c) @ (c, V)`` product (see :class:`MatmulPolicy`).
-  Rows where ``keep`` is False (uncounted rows when only the loss is
-  differentiated) may hold anything (NaN padding): they are zeroed for
-  ``dw`` so that ``0 * NaN`` cannot reach it.
+  then the plain ``(d, c) @ (c, V)`` product, ``(d, V)`` in both layouts
+  (see :class:`MatmulPolicy`). Rows where ``keep`` is False (uncounted
+  rows when only the loss is differentiated) may hold anything (NaN
+  padding): they are zeroed for ``dw`` so that ``0 * NaN`` cannot reach
+  it.
   """
-  f32 = dz.dtype
   dz = dz.astype(x_c.dtype)
   dx = dw = None
   if need.dx:
-    dx = lax.dot_general(dz, w, (((1,), (1 - cfg.vocab_major,)), ((), ())),
-                         preferred_element_type=f32)
+    dx = _dot(dz, ws.vd, 1, 0) if ws.vd is not None else _dot(dz, ws.dv, 1,
+                                                              1)
   if need.dw:
-    xo, rows = (x_c, 0) if xt_c is None else (xt_c, 1)
-    if keep is not None:
-      xo = jnp.where(jnp.expand_dims(keep, 1 - rows), xo, 0)
-    a, b, dims = ((dz, xo, ((0,), (rows,))) if cfg.vocab_major
-                  else (xo, dz, ((rows,), (0,))))
-    dw = lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=f32)
+    if xt_c is not None:
+      if keep is not None:
+        xt_c = jnp.where(keep[None, :], xt_c, 0)
+      dw = _dot(xt_c, dz, 1, 0)
+    else:
+      if keep is not None:
+        x_c = jnp.where(keep[:, None], x_c, 0)
+      dw = _dot(dz, x_c, 0, 0) if cfg.vocab_major else _dot(x_c, dz, 0, 0)
   return dx, dw
 
 
@@ -161,8 +190,8 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
                  aux, cot, aux_cot, need: _Need) -> _Grads:
   """One chunk's gradients: ``dz`` from the loss's per-row cotangents
   ``cot`` (or None) and the aux's ``(g_lse, g_entropy)``, then its matmuls.
-  ``chunk`` is ``(x_c, xt_c, w, y_c)``."""
-  x_c, xt_c, w, y_c = chunk
+  ``chunk`` is ``(x_c, xt_c, ws, y_c)``."""
+  x_c, xt_c, ws, y_c = chunk
   g_lse, g_ent = aux_cot
   dz = jnp.zeros(z.shape, z.dtype)
   if cot is not None:
@@ -172,7 +201,7 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
     dz = dz + grad_aux(z, None, hp, aux, g_lse, g_ent, classes=classes)
   # Aux terms reach every row; the loss only counted ones.
   keep = st.counted if g_lse is None and g_ent is None else None
-  dx, dw = _matmuls(cfg, x_c, xt_c, w, dz, keep, need)
+  dx, dw = _matmuls(cfg, x_c, xt_c, ws, dz, keep, need)
   dh = None
   if need.hyper and cot is not None:
     dh = grad_hyper(z, y_c, None, hp, st, cot, int_labels=True,
@@ -195,13 +224,15 @@ def _add(acc, upd):
   return acc if upd is None else acc + upd
 
 
-def _scan(cfg: Config, step, x, w, per_row, need: _Need, forms_dz: bool,
-          forms_hyper: bool, hp: Hyper):
+def _scan(cfg: Config, step, x, ws: _Weights, per_row, need: _Need,
+          forms_dz: bool, forms_hyper: bool, hp: Hyper):
   """The single loop of this module: ``step(carry, chunk)`` over the row
   chunks of ``x`` and the per-row pytree ``per_row``, the carry being the
   ``dw``/``dbias``/hyperparameter accumulators (zeros where formed).
   ``step`` gets ``((x_c, per_row_c), xt_c)``, ``xt_c`` the chunk's ``x^T``
-  when the policy wants plain products for ``dw``. Returns the summed
+  when the policy wants a plain product for ``dw`` (``plain_dw``; then
+  ``dw`` accumulates as ``(d, V)`` and a ``(V, d)`` ``w``'s is transposed
+  once at the end). Returns the summed
   accumulators (hyperparameter gradients also summed over the devices
   holding other rows) and the flattened per-chunk outputs."""
   dtype = compute_dtype(x.dtype)
@@ -212,20 +243,23 @@ def _scan(cfg: Config, step, x, w, per_row, need: _Need, forms_dz: bool,
   def zeros(shape, dt, axes=cfg.varying):
     return _sharded.varying_zeros(shape, dt, axes)
 
+  plain_dw = forms_dz and need.dw and cfg.policy.plain_dw
+  given = ws.vd if cfg.vocab_major else ws.dv
+  assert given is not None
+  d, vocab = given.shape[::-1] if cfg.vocab_major else given.shape
+  dw_shape = (d, vocab) if plain_dw or not cfg.vocab_major else (vocab, d)
   init = _Grads(
-      dw=zeros(w.shape, dtype) if forms_dz and need.dw else None,
-      dbias=zeros(_vocab(cfg, w), dtype) if forms_dz and need.dbias
-      else None,
+      dw=zeros(dw_shape, dtype) if forms_dz and need.dw else None,
+      dbias=zeros(vocab, dtype) if forms_dz and need.dbias else None,
       hyper=jax.tree.map(lambda a: zeros(a.shape, a.dtype, row_axes), hp)
       if forms_hyper and need.hyper else None)
   xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), (x, per_row))
-  # One (d, b) copy of x per sweep, for plain dw products. The (V, d)
-  # layout's dz^T x_c could only be made plain by transposing dz, a (c, V)
-  # copy per chunk: it is kept.
-  xt = (jnp.swapaxes(xs[0], 1, 2).astype(w.dtype)
-        if forms_dz and need.dw and cfg.policy.plain_products
-        and not cfg.vocab_major else None)
+  # One (d, b) copy of x per sweep, for plain dw products.
+  xt = (jnp.swapaxes(xs[0], 1, 2).astype(given.dtype) if plain_dw
+        else None)
   acc, ys = lax.scan(step, init, (xs, xt))
+  if plain_dw and cfg.vocab_major:
+    acc = acc._replace(dw=jnp.swapaxes(cast(jax.Array, acc.dw), 0, 1))
   acc = acc._replace(hyper=_sharded.sum_over(acc.hyper, row_axes))
   return acc, jax.tree.map(_flat, ys)
 
@@ -255,24 +289,24 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
   Returns ``(stats, aux, grads)`` (grads None without ``cot``)."""
   need = need or _Need()
   classes = _classes(cfg, w)
-  w = w.astype(_operand_dtype(cfg, w))
+  ws = _weights(cfg, w)
   row_cot = None if cot is None else (cot.xent, cot.z_loss)
 
   def step(acc, inp):
     (x_c, (y_c, r_c, cot_c)), xt_c = inp
-    x_c = x_c.astype(w.dtype)
-    z = _logits(cfg, x_c, w, bias)
+    x_c = x_c.astype(ws.dtype)
+    z = _logits(x_c, ws, bias)
     # exp(z - m) is kept for this step's dz only (never a scan output).
     st, aux = _stats(cfg, classes, z, y_c, r_c, hp, keep_exp=cot is not None)
     dx = None
     if cot_c is not None:
       c = RowCotangents(*cot_c, cot.mean_xent)
-      g = _chunk_grads(cfg, classes, z, (x_c, xt_c, w, y_c), hp, st, aux, c,
+      g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st, aux, c,
                        (None, None), need)
       acc, dx = _accumulate(acc, g), g.dx
     return acc, (st._replace(exp=None), aux, dx)
 
-  acc, (st, aux, dx) = _scan(cfg, step, x, w, (y, row, row_cot), need,
+  acc, (st, aux, dx) = _scan(cfg, step, x, ws, (y, row, row_cot), need,
                              cot is not None, False, hp)
   return st, aux, None if cot is None else acc._replace(dx=dx)
 
@@ -283,25 +317,21 @@ def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
   and aux cotangents ``(g_lse, g_entropy)``, recomputing each chunk's
   logits from ``x`` and ``w``."""
   classes = _classes(cfg, w)
-  w = w.astype(_operand_dtype(cfg, w))
+  ws = _weights(cfg, w)
   row_cot = None if cot is None else (cot.xent, cot.z_loss)
 
   def step(acc, inp):
     (x_c, (y_c, st_c, aux_c, cot_c, g_lse, g_ent)), xt_c = inp
-    x_c = x_c.astype(w.dtype)
-    z = _logits(cfg, x_c, w, bias)
+    x_c = x_c.astype(ws.dtype)
+    z = _logits(x_c, ws, bias)
     c = None if cot_c is None else RowCotangents(*cot_c, cot.mean_xent)
-    g = _chunk_grads(cfg, classes, z, (x_c, xt_c, w, y_c), hp, st_c, aux_c,
+    g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st_c, aux_c,
                      c, (g_lse, g_ent), need)
     return _accumulate(acc, g), g.dx
 
-  acc, dx = _scan(cfg, step, x, w, (y, st, aux, row_cot, *aux_cot), need,
+  acc, dx = _scan(cfg, step, x, ws, (y, st, aux, row_cot, *aux_cot), need,
                   True, cot is not None, hp)
   return acc._replace(dx=dx)
-
-
-def _operand_dtype(cfg: Config, w):
-  return compute_dtype(w.dtype) if cfg.policy.upcast else w.dtype
 
 
 def _outputs(cfg: Config, st, aux, hp):

@@ -69,13 +69,15 @@ def linear_cross_entropy(
   ``shard_map`` use ``axis_name`` / ``batch_axis_name``.
 
   Precision: matmuls take the inputs' dtype with float32 accumulation
-  (``preferred_element_type``); the softmax math, ``dw`` and ``dbias``
-  accumulate in float32; gradients come back in their inputs' dtypes, the
-  loss in ``result_type(x, float32)``. Exception: when the default backend
-  is XLA's CPU, which has no half-precision matmul, half-precision
-  operands are converted to float32 once per pass (one float32 copy of
-  ``w``) and the matmuls run in float32 (so ``dz`` is not rounded to the
-  input dtype there).
+  (``preferred_element_type``), ``dz`` rounded to that dtype once before
+  its two products; the softmax math, ``dw`` and ``dbias`` accumulate in
+  float32; gradients come back in their inputs' dtypes (rounded once), the
+  loss in ``result_type(x, float32)``. The operands' layout follows the
+  backend (``MatmulPolicy``): on XLA's CPU backend every bfloat16 product
+  is a plain row-major one (a transposed copy of ``w``, ``2 d V`` bytes,
+  and of ``x`` per pass), and float16, which that backend has no kernels
+  for, is converted to float32 once per pass (one float32 copy of ``w``;
+  ``dz`` then stays float32).
 
   Args:
     x: ``(..., d)`` features (leading batch dimensions allowed).
@@ -107,7 +109,7 @@ def linear_cross_entropy(
     w_layout: ``"dv"`` (the default) or ``"vd"``: ``w`` is a ``(V, d)``
       tied embedding, the loss is that of ``x @ w.T`` and ``w``'s gradient
       comes out ``(V, d)``, neither transposed nor copied (beyond the
-      half-precision conversion on CPU above). Passing
+      half-precision layouts on CPU above). Passing
       ``emb.T`` as a ``(d, V)`` ``w`` gives the same values, but on XLA's
       CPU backend (whose matmuls take row-major operands) a loop over
       several chunks costs one transposed copy of ``w`` per call and one
@@ -141,7 +143,7 @@ def linear_cross_entropy(
   hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
                   global_vocab, compute_dtype(x.dtype))
   cfg = Config(reduction, chunk_size or 0, grad_in_forward,
-                matmul_policy(x.dtype), return_aux, axis_name,
+                matmul_policy(x.dtype, vocab_major), return_aux, axis_name,
                 batch_axis_name, vocab_major=vocab_major,
                 untyped_mesh=_sharded.check_mesh_axes(
                     axis_name, batch_axis_name, x, w, labels))

@@ -81,29 +81,45 @@ def over_cap(z, cap):
 
 
 class MatmulPolicy(NamedTuple):
-  """How the fused loss lays out its matmuls for a backend and dtype.
+  """How the fused loss lays out its matmuls for a backend, dtype and
+  layout of ``w``. Every product accumulates in float32.
 
   Attributes:
     upcast: run the matmuls in float32, converting half-precision operands
       once per pass (one float32 copy of ``w``), instead of in the input
-      dtype with float32 accumulation.
-    plain_products: materialise ``x^T`` (a ``(d, b)`` copy per pass) so
-      that ``dw``'s matmul is a plain row-major product: XLA's CPU backend
-      runs those through its fast (YNNPACK) path, and a transposed operand
-      through a slower kernel. GPU and TPU matmuls take either layout.
+      dtype.
+    plain_dw: materialise ``x^T`` (a ``(d, b)`` copy per pass) so that
+      ``dw``'s matmul is the plain row-major ``x_c^T @ dz``; a ``(V, d)``
+      ``w``'s gradient then accumulates as ``(d, V)`` and is transposed
+      once at the end.
+    plain_w: materialise ``w`` in its other layout once per pass, so that
+      the logits ``x_c @ w`` and ``dx_c = dz @ w^T`` are both plain
+      row-major products (``2 d V`` bytes in half precision).
   """
 
   upcast: bool
-  plain_products: bool
+  plain_dw: bool
+  plain_w: bool
 
 
-def matmul_policy(dtype, backend: str | None = None) -> MatmulPolicy:
-  """The policy for ``dtype`` on ``backend`` (default: JAX's default).
+def matmul_policy(dtype, vocab_major: bool = False,
+                  backend: str | None = None) -> MatmulPolicy:
+  """The policy for ``dtype`` and ``w``'s layout on ``backend`` (default:
+  JAX's default backend), chosen by measurement (``scripts/bench.py``).
 
-  On ``"cpu"``: plain products, and half precision upcast (XLA's CPU
-  backend converts a half-precision operand to float32 inside every dot
-  otherwise, twice per chunk). Elsewhere: the input dtype, as given.
+  XLA's CPU backend runs plain row-major products through its fast path
+  (YNNPACK, with bfloat16 kernels on CPUs that have AVX512-BF16 or AMX),
+  and a product with a transposed operand through slower kernels; it has
+  no float16 kernels (float16 dots are converted to float32 inside every
+  dot). So on ``"cpu"``: bfloat16 all plain products in bfloat16; float16
+  upcast once per pass; float32 (and float16) a plain ``dw`` for a
+  ``(d, V)`` ``w`` (a ``(V, d)`` one keeps ``dz^T x_c``, whose final
+  ``(V, d)`` float32 transpose would cost more than it saves). GPU and TPU
+  matmuls take any layout at full rate: the input dtype, as given.
   """
-  on_cpu = (backend or jax.default_backend()) == "cpu"
-  half = jnp.dtype(dtype).itemsize < 4
-  return MatmulPolicy(upcast=on_cpu and half, plain_products=on_cpu)
+  if (backend or jax.default_backend()) != "cpu":
+    return MatmulPolicy(upcast=False, plain_dw=False, plain_w=False)
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    return MatmulPolicy(upcast=False, plain_dw=True, plain_w=True)
+  return MatmulPolicy(upcast=jnp.dtype(dtype).itemsize < 4,
+                      plain_dw=not vocab_major, plain_w=False)

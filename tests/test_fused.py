@@ -332,16 +332,24 @@ def _in_layout(w, w_layout):
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("w_layout", ["dv", "vd"])
-def test_half_precision_w_converted_once_per_pass_on_cpu(w_layout):
-  x, w, _, y = _data(jnp.bfloat16, b=64, v=100)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_w_on_cpu(w_layout, dtype):
+  x, w, _, y = _data(dtype, b=64, v=100)
   w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, w_layout=w_layout), (0, 1))
   text = _compiled(f, x, w).as_text()
-  # One float32 copy of w for the one sweep (without it XLA converts w
-  # inside the dots of every chunk, and no such convert appears).
+  # float16 (no CPU kernels): one float32 copy of w for the one sweep
+  # (without it XLA converts w inside the dots of every chunk). bfloat16:
+  # the matmuls take bfloat16 operands, so w is never converted.
   converts = re.findall(rf"f32\[{shape}\][^ ]* convert\(", text)
-  assert len(converts) == 1
+  assert len(converts) == (1 if dtype == jnp.float16 else 0)
+  lowered = jax.jit(f).lower(x, w).as_text()
+  operands = re.findall(r"stablehlo\.dot_general[^\n]*: "
+                        r"\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
+                        lowered)
+  want = ("bf16", "bf16") if dtype == jnp.bfloat16 else ("f32", "f32")
+  assert operands == [want] * 3
 
 
 @pytest.mark.slow
@@ -353,24 +361,30 @@ def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward, dtype,
                                              w_layout):
   # XLA's CPU backend runs (d, c) @ (c, V) through YNNPACK but x_c^T @ g
   # (lhs contracting dim 0) through a slower kernel: the (d, V) layout's
-  # dw matmul takes the chunk of x transposed. The (V, d) layout keeps
-  # dz^T x_c (a plain form would transpose dz) and makes no copy of x.
+  # dw matmul takes the chunk of x transposed. In float32 the (V, d)
+  # layout keeps dz^T x_c and makes no copy of x; in bfloat16 it also
+  # takes x transposed and accumulates dw as (d, V), transposed once.
   x, w, _, y = _data(dtype, b=64, v=100)
   w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, grad_in_forward=grad_in_forward,
       w_layout=w_layout), (0, 1))
   text = _compiled(f, x, w).as_text()
-  dims = re.findall(rf"f32\[{shape}\][^ ]* dot\([^)]*\), "
+  plain = w_layout == "dv" or dtype == jnp.bfloat16
+  dw_shape = "8,100" if plain else shape
+  dims = re.findall(rf"f32\[{dw_shape}\][^ ]* dot\([^)]*\), "
                     r"lhs_contracting_dims=\{(\d)\}, "
                     r"rhs_contracting_dims=\{(\d)\}", text)
-  assert dims == [("1", "0") if w_layout == "dv" else ("0", "0")]
-  # The gradient loop's inputs include the (chunks, d, c) transposed x for
-  # "dv" only (with grad_in_forward=False the forward loop has none).
+  assert dims == [("1", "0") if plain else ("0", "0")]
+  # The gradient loop's inputs include the (chunks, d, c) transposed x
+  # where dw is plain (with grad_in_forward=False the forward loop has
+  # none).
   loops = re.findall(r"%while[.\d]* = \(([^)]*)\) while\(", text)
   assert len(loops) == (1 if grad_in_forward is None else 2)
+  # (XLA's CPU backend keeps a bfloat16 x^T as float32 between chunks and
+  # converts each chunk back: its dots still take bfloat16.)
   has_xt = ["f32[4,8,16]" in types for types in loops]
-  assert has_xt[-1] == (w_layout == "dv")
+  assert has_xt[-1] == plain
   assert not any(has_xt[:-1])
 
 

@@ -18,18 +18,24 @@ import jax_softmax as js
 from jax_softmax import _linear_ce
 from jax_softmax._numerics import MatmulPolicy, matmul_policy
 
-POLICIES = [MatmulPolicy(upcast=u, plain_products=p)
-            for u in (False, True) for p in (False, True)]
+POLICIES = [MatmulPolicy(upcast=u, plain_dw=p, plain_w=q)
+            for u in (False, True) for p in (False, True)
+            for q in (False, True)]
 
 
-def test_matmul_policy_per_backend_and_dtype():
-  for dtype in (jnp.float32, jnp.float64):
-    assert matmul_policy(dtype, "cpu") == MatmulPolicy(False, True)
-  for dtype in (jnp.bfloat16, jnp.float16):
-    assert matmul_policy(dtype, "cpu") == MatmulPolicy(True, True)
-  for backend in ("gpu", "tpu"):
-    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-      assert matmul_policy(dtype, backend) == MatmulPolicy(False, False)
+def test_matmul_policy_per_backend_dtype_and_layout():
+  for vd in (False, True):
+    for dtype in (jnp.float32, jnp.float64):
+      assert matmul_policy(dtype, vd, "cpu") == MatmulPolicy(False, not vd,
+                                                             False)
+    assert matmul_policy(jnp.float16, vd, "cpu") == MatmulPolicy(
+        True, not vd, False)
+    assert matmul_policy(jnp.bfloat16, vd, "cpu") == MatmulPolicy(
+        False, True, True)
+    for backend in ("gpu", "tpu"):
+      for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        assert matmul_policy(dtype, vd, backend) == MatmulPolicy(
+            False, False, False)
 
 
 def _data(dtype, b=24, d=8, v=50):
@@ -54,11 +60,11 @@ def _reference(x, w, bias, y, **kw):
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("w_layout", ["dv", "vd"])
-@pytest.mark.parametrize("grad_in_forward", [None, False])
 def test_every_policy_matches_the_float64_reference(monkeypatch, policy,
-                                                    dtype, w_layout,
-                                                    grad_in_forward):
-  monkeypatch.setattr(_linear_ce, "matmul_policy", lambda _: policy)
+                                                    dtype, w_layout):
+  # Both gradient strategies, alternating over the policies.
+  grad_in_forward = None if POLICIES.index(policy) % 2 else False
+  monkeypatch.setattr(_linear_ce, "matmul_policy", lambda *_: policy)
   x, w, bias, y = _data(dtype)
   w_in = w if w_layout == "dv" else w.T
   kw = dict(label_smoothing=0.1, z_loss=1e-3)
@@ -85,7 +91,7 @@ def test_every_policy_matches_the_float64_reference(monkeypatch, policy,
 
 
 def _hlo(policy, monkeypatch, dtype, w_layout, compiled=True):
-  monkeypatch.setattr(_linear_ce, "matmul_policy", lambda _: policy)
+  monkeypatch.setattr(_linear_ce, "matmul_policy", lambda *_: policy)
   x, w, _, y = _data(dtype, b=64, v=100)
   w_in = w if w_layout == "dv" else w.T
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
@@ -100,7 +106,7 @@ def test_upcast_decides_the_matmul_operand_dtype(monkeypatch, w_layout):
   # upcasts, when they take float32 ones (one converted copy of w).
   dots = {}
   for upcast in (False, True):
-    text = _hlo(MatmulPolicy(upcast, False), monkeypatch, jnp.bfloat16,
+    text = _hlo(MatmulPolicy(upcast, False, False), monkeypatch, jnp.bfloat16,
                 w_layout, compiled=False)
     dots[upcast] = re.findall(r"stablehlo\.dot_general[^\n]*: "
                               r"\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
@@ -109,11 +115,26 @@ def test_upcast_decides_the_matmul_operand_dtype(monkeypatch, w_layout):
   assert dots[True] == [("f32", "f32")] * 3
 
 
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+def test_plain_w_makes_every_product_plain(monkeypatch, w_layout):
+  # Without plain_w one of the two w products contracts w's last axis (a
+  # transposed operand); with it every dot contracts lhs dim 1 with rhs
+  # dim 0, the plain row-major product.
+  for plain_w in (False, True):
+    text = _hlo(MatmulPolicy(False, True, plain_w), monkeypatch,
+                jnp.bfloat16, w_layout, compiled=False)
+    dims = re.findall(r"stablehlo\.dot_general[^\n]*contracting_dims = "
+                      r"\[(\d)\] x \[(\d)\]", text)
+    assert len(dims) == 3
+    assert (set(dims) == {("1", "0")}) == plain_w
+
+
 def test_plain_products_decide_the_transposed_copy_of_x(monkeypatch):
   # (d, V) layout: with plain products dw's matmul reads a (chunks, d, c)
   # transposed x; without, x_c^T dz takes x as it is.
   for plain in (False, True):
-    text = _hlo(MatmulPolicy(False, plain), monkeypatch, jnp.float32, "dv")
+    text = _hlo(MatmulPolicy(False, plain, False), monkeypatch, jnp.float32,
+                "dv")
     loops = re.findall(r"%while[.\d]* = \(([^)]*)\) while\(", text)
     assert len(loops) == 1
     assert ("f32[4,8,16]" in loops[0]) == plain

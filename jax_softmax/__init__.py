@@ -13,6 +13,10 @@ from jax_softmax._losses import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
+from jax_softmax._objectives import (
+    linear_log_prob_objective,
+    log_prob_objective,
+)
 from jax_softmax._primitives import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
@@ -22,7 +26,9 @@ __all__ = [
     "__version__",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_log_prob_objective",
     "linear_softmax_loss",
+    "log_prob_objective",
     "log_softmax",
     "logsumexp",
     "nll_loss",

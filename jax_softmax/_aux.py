@@ -7,8 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_softmax._kernel import Classes, Hyper, support_logits
-from jax_softmax._numerics import NEG_INF, over_cap, shift_exp
+from jax_softmax._kernel import Classes, Hyper, support_logits, to_logits
+from jax_softmax._numerics import NEG_INF, shift_exp
 
 
 class LossAux(NamedTuple):
@@ -75,7 +75,5 @@ def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
     g = g + g_lse[:, None] * p
   if g_ent is not None:
     g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
-  if hp.soft_cap is not None:
-    g = g * jnp.where(valid, 1 - jnp.square(over_cap(zc, hp.soft_cap)), 0.0)
-  return jnp.where(valid, g, 0.0)
+  return jnp.where(valid, to_logits(g, zc, hp), 0.0)
 

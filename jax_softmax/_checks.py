@@ -285,6 +285,37 @@ def row_mask(where, batch_shape: tuple[int, ...]) -> jax.Array:
   return broadcast_mask(as_bool_mask(where), batch_shape, "batch")
 
 
+def row_weights(weights, batch_shape: tuple[int, ...], dtype,
+                flat: bool = True) -> jax.Array | None:
+  """Per-row floating ``weights`` of the batch shape (flattened to rows
+  with ``flat``), in at least ``dtype`` (None for None)."""
+  if weights is None:
+    return None
+  v = as_float_array(weights, "weights")
+  if v.shape != batch_shape:
+    raise ValueError(f"weights must have the labels' shape {batch_shape}; "
+                     f"got {v.shape}.")
+  v = v.astype(jnp.result_type(v.dtype, dtype))
+  return v.reshape(-1) if flat else v
+
+
+def objective_args(fn_args, batch_shape: tuple[int, ...]) -> tuple:
+  """An objective's per-row arguments: a tuple of floating arrays whose
+  leading dimensions are the batch shape."""
+  if not isinstance(fn_args, (tuple, list)):
+    raise TypeError("fn_args must be a tuple of per-row arrays; got "
+                    f"{type(fn_args).__name__}.")
+  out = []
+  for i, a in enumerate(fn_args):
+    a = as_float_array(a, f"fn_args[{i}]")
+    if a.shape[:len(batch_shape)] != batch_shape:
+      raise ValueError(f"fn_args[{i}] must have the labels' shape "
+                       f"{batch_shape} as its leading dimensions; got "
+                       f"{a.shape}.")
+    out.append(a)
+  return tuple(out)
+
+
 def class_weights(weights, num_classes: int, dtype) -> jax.Array:
   """``(num_classes,)`` floating class weights, in at least ``dtype``."""
   cw = as_float_array(weights, "class_weights")

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_softmax import _reduce, _sharded
+from jax_softmax import _matmuls, _reduce, _sharded
 from jax_softmax._aux import LossAux, grad_aux, row_aux
 from jax_softmax._kernel import (
   Classes,
@@ -46,6 +47,7 @@ from jax_softmax._kernel import (
   grad_logits,
   label_weights,
   row_stats,
+  temperature_grad,
 )
 from jax_softmax._numerics import MatmulPolicy, compute_dtype
 
@@ -93,6 +95,7 @@ class Config(NamedTuple):
   varying: tuple[str, ...] = ()     # shard_map axes the inputs vary over
   vocab_major: bool = False         # w given as (V, d)
   untyped_mesh: bool = False        # in shard_map with check_vma=False
+  objective: Callable | None = None  # fn(log_p, entropy, *fn_args) per row
 
 
 class _Need(NamedTuple):
@@ -102,6 +105,7 @@ class _Need(NamedTuple):
   dw: bool = False
   dbias: bool = False
   hyper: bool = False
+  rows: bool = False     # per-row weights or objective arguments
 
 
 class _Grads(NamedTuple):
@@ -113,6 +117,7 @@ class _Grads(NamedTuple):
   dbias: jax.Array | None = None
   hyper: Hyper | None = None
   scale: jax.Array | None = None
+  rows: _reduce.PerRow | None = None   # d weights, d fn_args (per row)
 
 
 def _vocab(cfg: Config, w) -> int:
@@ -122,68 +127,6 @@ def _vocab(cfg: Config, w) -> int:
 
 def _classes(cfg: Config, w) -> Classes:
   return _sharded.classes_of(_vocab(cfg, w), cfg.vocab_axis)
-
-
-class _Weights(NamedTuple):
-  """``w`` in the matmuls' operand dtype, in one or both layouts: ``dv``
-  ``(d, V)`` is the plain operand of the logits ``x_c @ dv``, ``vd``
-  ``(V, d)`` that of ``dx_c = dz @ vd``. One is the input; the other is a
-  copy made once per sweep when the policy wants plain products
-  (``plain_w``), else None (that product takes the other transposed)."""
-
-  dv: jax.Array | None
-  vd: jax.Array | None
-
-  @property
-  def dtype(self):
-    return (self.vd if self.dv is None else self.dv).dtype
-
-
-def _weights(cfg: Config, w) -> _Weights:
-  w = w.astype(compute_dtype(w.dtype) if cfg.policy.upcast else w.dtype)
-  other = jnp.swapaxes(w, 0, 1) if cfg.policy.plain_w else None
-  return _Weights(other, w) if cfg.vocab_major else _Weights(w, other)
-
-
-def _dot(a, b, a_dim: int, b_dim: int):
-  """``a . b`` contracting ``a_dim`` with ``b_dim``, float32 accumulated."""
-  return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())),
-                         preferred_element_type=compute_dtype(a.dtype))
-
-
-def _logits(x_c, ws: _Weights, bias):
-  """``(c, V)`` float32 logits of one chunk (input dtype, f32 accumulate)."""
-  z = _dot(x_c, ws.dv, 1, 0) if ws.dv is not None else _dot(x_c, ws.vd, 1, 1)
-  return z if bias is None else z + bias.astype(z.dtype)[None, :]
-
-
-def _matmuls(cfg: Config, x_c, xt_c, ws: _Weights, dz, keep, need: _Need):
-  """``dx_c = dz w^T`` and ``dw_c = x_c^T dz`` (``dz^T x_c`` when ``w`` is
-  ``(V, d)`` and ``xt_c`` is None), accumulated and returned in float32;
-  ``dz`` is rounded to the operands' dtype once, before both.
-
-  ``xt_c``, when given, is ``x_c^T`` as a ``(d, c)`` array: ``dw_c`` is
-  then the plain ``(d, c) @ (c, V)`` product, ``(d, V)`` in both layouts
-  (see :class:`MatmulPolicy`). Rows where ``keep`` is False (uncounted
-  rows when only the loss is differentiated) may hold anything (NaN
-  padding): they are zeroed for ``dw`` so that ``0 * NaN`` cannot reach
-  it.
-  """
-  dz = dz.astype(x_c.dtype)
-  dx = dw = None
-  if need.dx:
-    dx = _dot(dz, ws.vd, 1, 0) if ws.vd is not None else _dot(dz, ws.dv, 1,
-                                                              1)
-  if need.dw:
-    if xt_c is not None:
-      if keep is not None:
-        xt_c = jnp.where(keep[None, :], xt_c, 0)
-      dw = _dot(xt_c, dz, 1, 0)
-    else:
-      if keep is not None:
-        x_c = jnp.where(keep[:, None], x_c, 0)
-      dw = _dot(dz, x_c, 0, 0) if cfg.vocab_major else _dot(x_c, dz, 0, 0)
-  return dx, dw
 
 
 def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
@@ -201,11 +144,14 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
     dz = dz + grad_aux(z, None, hp, aux, g_lse, g_ent, classes=classes)
   # Aux terms reach every row; the loss only counted ones.
   keep = st.counted if g_lse is None and g_ent is None else None
-  dx, dw = _matmuls(cfg, x_c, xt_c, ws, dz, keep, need)
+  dx, dw = _matmuls.grad_matmuls(x_c, xt_c, ws, dz, keep, need_dx=need.dx,
+                                  need_dw=need.dw,
+                                  vocab_major=cfg.vocab_major)
   dh = None
   if need.hyper and cot is not None:
     dh = grad_hyper(z, y_c, None, hp, st, cot, int_labels=True,
                     classes=classes)
+    dh = dh._replace(temperature=temperature_grad(dz, z, hp, classes))
   return _Grads(dx, dw, jnp.sum(dz, axis=0) if need.dbias else None, dh)
 
 
@@ -224,7 +170,7 @@ def _add(acc, upd):
   return acc if upd is None else acc + upd
 
 
-def _scan(cfg: Config, step, x, ws: _Weights, per_row, need: _Need,
+def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
           forms_dz: bool, forms_hyper: bool, hp: Hyper):
   """The single loop of this module: ``step(carry, chunk)`` over the row
   chunks of ``x`` and the per-row pytree ``per_row``, the carry being the
@@ -271,44 +217,57 @@ def _accumulate(acc: _Grads, g: _Grads) -> _Grads:
 
 
 def _stats(cfg: Config, classes, z, y_c, r_c, hp: Hyper, keep_exp: bool):
-  """The chunk's row stats (and aux)."""
+  """The chunk's row stats (and aux: an objective needs the entropy)."""
   st = row_stats(z, y_c, r_c, None, hp, int_labels=True, classes=classes,
                  keep_exp=keep_exp)
   aux = None
-  if cfg.return_aux:
+  if cfg.return_aux or cfg.objective is not None:
     aux = row_aux(z, y_c, st.counted, None, hp, int_labels=True,
                   classes=classes)
   return st, aux
 
 
 def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
-                   need: _Need | None = None,
+                   rows: _reduce.PerRow, need: _Need | None = None,
                    cot: RowCotangents | None = None):
-  """Statistics (and aux) of every row; with the per-row cotangents
-  ``cot`` of a unit output cotangent, also the gradients in ``need``.
-  Returns ``(stats, aux, grads)`` (grads None without ``cot``)."""
+  """Statistics (and aux, and the objective's per-row values) of every
+  row; with the per-row cotangents ``cot`` of a unit output cotangent, also
+  the gradients in ``need`` (those of the objective's arguments included).
+  Returns ``(stats, aux, objective values, grads)``."""
   need = need or _Need()
   classes = _classes(cfg, w)
-  ws = _weights(cfg, w)
-  row_cot = None if cot is None else (cot.xent, cot.z_loss)
+  ws = _matmuls.operands(w, cfg.policy, cfg.vocab_major)
+  row_cot = None if cot is None else (cot.xent, cot.z_loss, cot.scale)
 
   def step(acc, inp):
-    (x_c, (y_c, r_c, cot_c)), xt_c = inp
+    (x_c, (y_c, r_c, cot_c, rows_c)), xt_c = inp
     x_c = x_c.astype(ws.dtype)
-    z = _logits(x_c, ws, bias)
+    z = _matmuls.logits(x_c, ws, bias)
     # exp(z - m) is kept for this step's dz only (never a scan output).
     st, aux = _stats(cfg, classes, z, y_c, r_c, hp, keep_exp=cot is not None)
-    dx = None
+    f = dx = d_args = None
+    if cfg.objective is not None:
+      f = _reduce.objective_rows(cfg.objective, st, aux.entropy,
+                                 rows_c.fn_args)
     if cot_c is not None:
-      c = RowCotangents(*cot_c, cot.mean_xent)
+      c, g_ent = RowCotangents(cot_c[0], cot_c[1], cot.mean_xent,
+                               cot_c[2]), None
+      if cfg.objective is not None:   # d fn / d (log p, entropy, args)
+        c, g_ent, d_args = _reduce.objective_cotangents(
+            cfg.objective, st, aux.entropy, rows_c.fn_args, cot_c[2])
       g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st, aux, c,
-                       (None, None), need)
+                       (None, g_ent), need)
       acc, dx = _accumulate(acc, g), g.dx
-    return acc, (st._replace(exp=None), aux, dx)
+    return acc, (st._replace(exp=None), aux, f, dx, d_args)
 
-  acc, (st, aux, dx) = _scan(cfg, step, x, ws, (y, row, row_cot), need,
-                             cot is not None, False, hp)
-  return st, aux, None if cot is None else acc._replace(dx=dx)
+  acc, (st, aux, f, dx, d_args) = _scan(
+      cfg, step, x, ws, (y, row, row_cot, rows), need, cot is not None,
+      False, hp)
+  if cot is None:
+    return st, aux, f, None
+  d_weights = _reduce.weight_grad(st, cot, rows.weights)
+  return st, aux, f, acc._replace(dx=dx, rows=_reduce.PerRow(
+      d_weights, () if d_args is None else d_args))
 
 
 def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
@@ -317,14 +276,15 @@ def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
   and aux cotangents ``(g_lse, g_entropy)``, recomputing each chunk's
   logits from ``x`` and ``w``."""
   classes = _classes(cfg, w)
-  ws = _weights(cfg, w)
-  row_cot = None if cot is None else (cot.xent, cot.z_loss)
+  ws = _matmuls.operands(w, cfg.policy, cfg.vocab_major)
+  row_cot = None if cot is None else (cot.xent, cot.z_loss, cot.scale)
 
   def step(acc, inp):
     (x_c, (y_c, st_c, aux_c, cot_c, g_lse, g_ent)), xt_c = inp
     x_c = x_c.astype(ws.dtype)
-    z = _logits(x_c, ws, bias)
-    c = None if cot_c is None else RowCotangents(*cot_c, cot.mean_xent)
+    z = _matmuls.logits(x_c, ws, bias)
+    c = None if cot_c is None else RowCotangents(cot_c[0], cot_c[1],
+                                                 cot.mean_xent, cot_c[2])
     g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st_c, aux_c,
                      c, (g_lse, g_ent), need)
     return _accumulate(acc, g), g.dx
@@ -334,15 +294,18 @@ def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
   return acc._replace(dx=dx)
 
 
-def _outputs(cfg: Config, st, aux, hp):
-  loss = _reduce.reduce_rows(st, hp, cfg.reduction, cfg.batch_axes)
+def _outputs(cfg: Config, st, aux, f, hp, rows: _reduce.PerRow):
+  if cfg.objective is not None:
+    return _reduce.reduce_objective(f, st, cfg.reduction, cfg.batch_axes)
+  loss = _reduce.reduce_rows(st, hp, cfg.reduction, cfg.batch_axes,
+                             rows.weights)
   return (loss, aux) if cfg.return_aux else loss
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg: Config, x, w, bias, y, row, hp):
-  st, aux, _ = _forward_sweep(cfg, x, w, bias, y, row, hp)
-  return _outputs(cfg, st, aux, hp)
+def _fused(cfg: Config, x, w, bias, y, row, hp, rows):
+  st, aux, f, _ = _forward_sweep(cfg, x, w, bias, y, row, hp, rows)
+  return _outputs(cfg, st, aux, f, hp, rows)
 
 
 class _Residuals(NamedTuple):
@@ -358,9 +321,10 @@ class _Residuals(NamedTuple):
   stats: RowStats
   aux: LossAux | None
   need: _Need
+  rows: _reduce.PerRow
 
 
-def _unit_cotangents(cfg: Config, w, bias, y, row, hp
+def _unit_cotangents(cfg: Config, w, bias, y, row, hp, weights
                      ) -> tuple[RowStats, RowCotangents]:
   """Per-row cotangents of a unit output cotangent, before the loop, and
   the row stats they assume: a row counts iff it is unmasked and the bias
@@ -380,7 +344,8 @@ def _unit_cotangents(cfg: Config, w, bias, y, row, hp
                  log_sum=zero)
   return pre, _reduce.row_cotangents(pre, cfg.reduction, 1.0,
                                      int_labels=True,
-                                     batch_axes=cfg.batch_axes)
+                                     batch_axes=cfg.batch_axes,
+                                     weights=weights)
 
 
 def _recount(cfg: Config, pre: RowStats, st: RowStats, hp: Hyper):
@@ -397,10 +362,11 @@ def _recount(cfg: Config, pre: RowStats, st: RowStats, hp: Hyper):
   return ratio
 
 
-def _fused_fwd(cfg: Config, x, w, bias, y, row, hp):
-  (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on) = (
-      _reduce.unwrap_primals(a) for a in (x, w, bias, y, row, hp))
-  need = _Need(dx_on, dw_on, db_on, hp_on)
+def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
+  (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on), (
+      rows, rows_on) = (_reduce.unwrap_primals(a) for a in (
+          x, w, bias, y, row, hp, rows))
+  need = _Need(dx_on, dw_on, db_on, hp_on, rows_on)
   if cfg.untyped_mesh and any(need):
     raise ValueError(
         "gradients of linear_cross_entropy with axis_name/batch_axis_name "
@@ -409,22 +375,38 @@ def _fused_fwd(cfg: Config, x, w, bias, y, row, hp):
         "summed.")
   in_forward = (cfg.reduction != "none" and not hp_on
                 and cfg.grad_in_forward is not False)
-  pre, cot = (_unit_cotangents(cfg, w, bias, y, row, hp) if in_forward
-              else (None, None))
-  st, aux, grads = _forward_sweep(cfg, x, w, bias, y, row, hp, need, cot)
+  pre, cot = (_unit_cotangents(cfg, w, bias, y, row, hp, rows.weights)
+              if in_forward else (None, None))
+  st, aux, f, grads = _forward_sweep(cfg, x, w, bias, y, row, hp, rows, need,
+                                     cot)
   if grads is not None and pre is not None:
     grads = grads._replace(scale=_recount(cfg, pre, st, hp))
-  return _outputs(cfg, st, aux, hp), _Residuals(
+  return _outputs(cfg, st, aux, f, hp, rows), _Residuals(
       grads=grads, features=x, weights=w, bias=bias, labels=y, hp=hp,
-      stats=st, aux=aux, need=need)
+      stats=st, aux=aux, need=need, rows=rows)
+
+
+def _recompute_cotangents(cfg: Config, res: _Residuals, g, aux_cot):
+  """Per-row and aux cotangents of the output cotangent ``g``, and the
+  per-row inputs' gradients, for the backward sweep."""
+  st = res.stats
+  cot = _reduce.row_cotangents(st, cfg.reduction, g, int_labels=True,
+                               batch_axes=cfg.batch_axes,
+                               weights=res.rows.weights)
+  if cfg.objective is None:
+    return cot, aux_cot, _reduce.PerRow(
+        _reduce.weight_grad(st, cot, res.rows.weights), ())
+  assert res.aux is not None
+  cot, g_ent, d_args = _reduce.objective_cotangents(
+      cfg.objective, st, res.aux.entropy, res.rows.fn_args, cot.scale)
+  return cot, (None, g_ent), _reduce.PerRow(None, d_args)
 
 
 def _fused_bwd(cfg: Config, res: _Residuals, g):
   g, aux_cot = _reduce.split_cotangent(g, cfg.return_aux)
-  cot = None
+  cot, d_rows = None, _reduce.PerRow(None, ())
   if res.grads is None:
-    cot = _reduce.row_cotangents(res.stats, cfg.reduction, g,
-                                 int_labels=True, batch_axes=cfg.batch_axes)
+    cot, aux_cot, d_rows = _recompute_cotangents(cfg, res, g, aux_cot)
   out = _Grads()
   if cot is not None or aux_cot != (None, None):
     out = _backward_sweep(cfg, res.features, res.weights, res.bias,
@@ -436,11 +418,18 @@ def _fused_bwd(cfg: Config, res: _Residuals, g):
         k: _add(g * a, getattr(out, k)) for k, a in zip(
             ("dx", "dw", "dbias"), res.grads[:3], strict=True)
         if a is not None})
+    d_rows = jax.tree.map(lambda a: g * a, res.grads.rows)
   # float32 until here: each gradient is rounded to its input's dtype once.
   dx, dw, db = (a if a is None or p is None else a.astype(p.dtype)
                 for a, p in zip(out[:3], (res.features, res.weights,
                                           res.bias), strict=True))
-  return dx, dw, db, None, None, out.hyper
+  weights = res.rows.weights
+  d_rows = _reduce.PerRow(
+      None if d_rows.weights is None or weights is None
+      else d_rows.weights.astype(weights.dtype),
+      tuple(d.astype(a.dtype) for d, a in zip(
+          d_rows.fn_args, res.rows.fn_args, strict=True)))
+  return dx, dw, db, None, None, out.hyper, d_rows
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -448,12 +437,16 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 _fused_jit = jax.jit(_fused, static_argnums=0)
 
 
-def local_loss(cfg: Config, x, w, bias, labels, row, hp):
-  """The fused loss over this device's rows (all rows off a mesh)."""
+def local_loss(cfg: Config, x, w, bias, labels, row, hp,
+               rows: _reduce.PerRow):
+  """The fused loss over this device's rows (all rows off a mesh);
+  ``rows`` holds per-row arrays of the batch shape."""
   batch_shape = x.shape[:-1]
   n = math.prod(batch_shape)
   x2, y2, row2 = (x.reshape(n, x.shape[-1]), labels.reshape(n),
                   row.reshape(n))
+  rows2 = jax.tree.map(lambda a: a.reshape((n,) + a.shape[len(batch_shape):]),
+                       rows)
   # A chunk larger than the batch would only pad it: clamp it.
   chunk = min(cfg.chunk or default_chunk_size(n, _vocab(cfg, w)),
               max(n, 1))
@@ -462,10 +455,12 @@ def local_loss(cfg: Config, x, w, bias, labels, row, hp):
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
     y2 = jnp.pad(y2, (0, pad))
     row2 = jnp.pad(row2, (0, pad))
+    rows2 = jax.tree.map(
+        lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), rows2)
   cfg = cfg._replace(chunk=chunk)
   if cfg.vocab_axis is not None or cfg.batch_axes is not None:
-    varying, (x2, w, bias) = _sharded.mesh_typing((x2, w, bias),
-                                                  (y2, row2, hp))
+    varying, (x2, w, bias, rows2) = _sharded.mesh_typing(
+        (x2, w, bias, rows2), (y2, row2, hp))
     cfg = cfg._replace(varying=varying)
-  out = _fused_jit(cfg, x2, w, bias, y2, row2, hp)
+  out = _fused_jit(cfg, x2, w, bias, y2, row2, hp, rows2)
   return _reduce.shape_outputs(out, cfg.reduction, cfg.return_aux, batch_shape)

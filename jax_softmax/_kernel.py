@@ -27,13 +27,13 @@ import jax.numpy as jnp
 
 from jax_softmax import _checks
 from jax_softmax._numerics import (
-    NEG_INF,
-    clean_rows,
-    compute_dtype,
-    mul0,
-    over_cap,
-    shift_exp,
-    soft_cap,
+  NEG_INF,
+  clean_rows,
+  compute_dtype,
+  div_scalar,
+  mul0,
+  shift_exp,
+  soft_cap,
 )
 
 
@@ -44,20 +44,22 @@ class Hyper(NamedTuple):
   z_loss: jax.Array | None = None
   soft_cap: jax.Array | None = None
   class_weights: jax.Array | None = None
+  temperature: jax.Array | None = None
 
 
 def make_hyper(label_smoothing, z_loss, cap, class_weights,
-               num_classes: int, dtype) -> Hyper:
-  """Validates hyperparameters; a literal 0 / None switches a term off.
+               num_classes: int, dtype, temperature=1.0) -> Hyper:
+  """Validates hyperparameters; a literal 0 / None (a temperature of 1)
+  switches a term off.
 
-  ``label_smoothing`` must lie in ``[0, 1]``, ``z_loss`` be non-negative
-  and ``cap`` (``soft_cap``) positive (None is no cap), all finite; traced
-  values are not checked.
+  ``label_smoothing`` must lie in ``[0, 1]``, ``z_loss`` be non-negative,
+  ``cap`` (``soft_cap``) and ``temperature`` positive (a cap of None is no
+  cap), all finite; traced values are not checked.
   """
 
-  def scalar(v, name, **bounds):
+  def scalar(v, name, off=0, **bounds):
     if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and v == 0 and name != "soft_cap"):
+                     and v == off and name != "soft_cap"):
       return None
     return _checks.scalar_param(v, name, dtype, **bounds)
 
@@ -66,7 +68,9 @@ def make_hyper(label_smoothing, z_loss, cap, class_weights,
     cw = _checks.class_weights(class_weights, num_classes, dtype)
   return Hyper(scalar(label_smoothing, "label_smoothing", low=0.0, high=1.0),
                scalar(z_loss, "z_loss", low=0.0),
-               scalar(cap, "soft_cap", low=0.0, low_open=True), cw)
+               scalar(cap, "soft_cap", low=0.0, low_open=True), cw,
+               scalar(temperature, "temperature", off=1, low=0.0,
+                      low_open=True))
 
 
 class Classes:
@@ -163,9 +167,16 @@ class RowStats(NamedTuple):
   exp: jax.Array | None = None
 
 
+def scaled_logits(z, hp: Hyper):
+  """``z / temperature`` in the compute dtype (``z`` without one)."""
+  zt = z.astype(compute_dtype(z.dtype))
+  return zt if hp.temperature is None else div_scalar(zt, hp.temperature)
+
+
 def support_logits(z, class_mask, hp: Hyper):
-  """Capped logits in the compute dtype, ``-inf`` off the support."""
-  zc = z.astype(compute_dtype(z.dtype))
+  """Scaled, capped logits in the compute dtype, ``-inf`` off the
+  support."""
+  zc = scaled_logits(z, hp)
   if hp.soft_cap is not None:
     zc = soft_cap(zc, hp.soft_cap)
   if class_mask is not None:
@@ -277,15 +288,19 @@ class RowCotangents(NamedTuple):
   """Per-row cotangents of a reduced loss, ``(rows,)`` (0 if uncounted).
 
   Attributes:
-    xent: of the cross-entropy terms (the reduction's scale included).
+    xent: of the cross-entropy terms (the reduction's scale and the
+      per-row ``weights`` included).
     z_loss: of the z-loss terms.
     mean_xent: the cross-entropy mean where the class weights enter the
       denominator (``"mean"`` with integer labels), else 0: a scalar.
+    scale: the reduction's scale alone (``xent`` without ``weights``): the
+      cotangent of a row's weight is ``scale * RowStats.xent``.
   """
 
   xent: jax.Array
   z_loss: jax.Array
   mean_xent: jax.Array
+  scale: jax.Array
 
 
 def _grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
@@ -323,16 +338,24 @@ def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
     zc, p = None, st.exp * jnp.exp(-st.log_sum)[:, None]
   else:
     zc, p, _ = probs(z, class_mask, hp, st)
-  g = _grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
-  if hp.soft_cap is not None:
-    assert zc is not None  # the kept-exp shortcut excludes a soft cap
-    g = g * jnp.where(zc != NEG_INF,
-                      1 - jnp.square(over_cap(zc, hp.soft_cap)), 0.0)
+  g = to_logits(_grad_capped(zc, p, target, hp, int_labels, st, cot,
+                             classes), zc, hp)
   keep = st.counted[:, None]
   if class_mask is not None:
     keep = keep & class_mask
   g = jnp.where(keep, g, 0.0)
   return jnp.where(st.nan_row[:, None], jnp.nan, g)
+
+
+def to_logits(g, zc, hp: Hyper):
+  """A gradient with respect to the capped logits ``zc`` carried back to
+  the logits: times the cap's ``1 - (zc / cap)**2`` (0 off the support)
+  and ``1 / temperature``. ``zc`` may be None without a cap."""
+  if hp.soft_cap is not None:
+    assert zc is not None
+    g = g * jnp.where(zc != NEG_INF,
+                      1 - jnp.square(div_scalar(zc, hp.soft_cap)), 0.0)
+  return g if hp.temperature is None else div_scalar(g, hp.temperature)
 
 
 def grad_target(z, class_mask, hp: Hyper, st: RowStats, cot: RowCotangents):
@@ -367,9 +390,9 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
     d_z = jnp.sum(jnp.where(st.counted, (cot.z_loss * st.lse) * st.lse, 0.0))
   if hp.soft_cap is not None:
     g = _grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
-    # d zc / d cap for zc = cap * tanh(z / cap).
     keep = valid & st.counted[:, None]
-    u = over_cap(jnp.where(keep, z.astype(zc.dtype), 0.0), hp.soft_cap)
+    # d zc / d cap for zc = cap * tanh(zt / cap), zt = z / temperature.
+    u = div_scalar(jnp.where(keep, scaled_logits(z, hp), 0.0), hp.soft_cap)
     th = jnp.tanh(u)
     d_cap = classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
         1 - jnp.square(th))), 0.0)))
@@ -377,6 +400,18 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
     d_w = _class_weight_grad(nll, nll_y, target, valid, rows, hp, st, cot,
                              classes).astype(hp.class_weights.dtype)
   return Hyper(d_eps, d_z, d_cap, d_w)
+
+
+def temperature_grad(dz, z, hp: Hyper, classes: Classes):
+  """``d loss / d temperature`` from the loss's whole gradient ``dz`` with
+  respect to the raw logits ``z``: the logits enter only as ``z / T``, so
+  it is ``-sum dz * z / T`` (0 where ``dz`` is: masked ``-inf`` logits).
+  None without a temperature."""
+  if hp.temperature is None:
+    return None
+  zf = z.astype(dz.dtype)
+  return -classes.total(jnp.sum(jnp.where(dz == 0, 0.0, dz * zf))) / (
+      hp.temperature)
 
 
 def _smoothing_slope(nll, nll_y, target, valid, hp, st, classes):
@@ -399,7 +434,8 @@ def _class_weight_grad(nll, nll_y, target, valid, rows, hp, st,
     q = smoothed_target(target, valid, k, eps)
     return jnp.sum(rows[:, None] * mul0(q, nll), 0)
   keep = 1.0 if eps is None else 1 - eps
-  per_y = rows * (keep * nll_y - cot.mean_xent)
+  per_y = rows * keep * nll_y - jnp.where(st.counted, cot.scale, 0.0) * (
+      cot.mean_xent)
   n = classes.num_classes
   d_w = jax.ops.segment_sum(per_y, jnp.clip(target, 0, n - 1),
                             num_segments=n)

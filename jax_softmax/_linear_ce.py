@@ -13,6 +13,7 @@ from jax_softmax._aux import LossAux
 from jax_softmax._fused import Config, local_loss
 from jax_softmax._kernel import make_hyper
 from jax_softmax._numerics import compute_dtype, matmul_policy
+from jax_softmax._reduce import PerRow
 
 
 def linear_cross_entropy(
@@ -34,6 +35,8 @@ def linear_cross_entropy(
     batch_axis_name: str | None = None,
     return_aux: bool = False,
     w_layout: str = "dv",
+    weights: jax.typing.ArrayLike | None = None,
+    temperature: jax.typing.ArrayLike = 1.0,
 ) -> jax.Array | tuple[jax.Array, LossAux]:
   r"""``cross_entropy(x @ w + bias, labels, ...)`` without the logits.
 
@@ -131,30 +134,49 @@ def linear_cross_entropy(
   """
   _checks.check_reduction(reduction)
   _checks.check_grad_in_forward(grad_in_forward, reduction)
+  return fused_call(
+      "linear_cross_entropy", x, w, labels, reduction=reduction,
+      chunk_size=chunk_size, w_layout=w_layout, bias=bias, where=where,
+      ignore_index=ignore_index, axis_name=axis_name,
+      batch_axis_name=batch_axis_name, grad_in_forward=grad_in_forward,
+      return_aux=return_aux, hyper=(label_smoothing, z_loss, soft_cap,
+                                    class_weights, temperature),
+      weights=weights)
+
+
+def fused_call(caller, x, w, labels, *, reduction, chunk_size, w_layout,
+                bias, where, ignore_index, axis_name, batch_axis_name,
+                grad_in_forward=None, return_aux=False, hyper, weights=None,
+                objective=None, fn_args=()):
+  """Validates the arguments of a fused loss and runs it on this device's
+  rows, or on each device's rows of a batch on Explicit mesh axes."""
   chunk_size = _checks.check_chunk_size(chunk_size)
   x, w, vocab_major = _checks.linear_inputs(x, w, w_layout)
   vocab = w.shape[0] if vocab_major else w.shape[1]  # this device's slice
-  global_vocab = vocab * _sharded.axis_size(axis_name,
-                                            "linear_cross_entropy")
-  _sharded.axis_size(batch_axis_name, "linear_cross_entropy")
+  global_vocab = vocab * _sharded.axis_size(axis_name, caller)
+  _sharded.axis_size(batch_axis_name, caller)
   bias = _checks.bias(bias, vocab)
-  labels, row = _checks.int_label_rows(labels, x.shape[:-1], where,
+  batch_shape = x.shape[:-1]
+  labels, row = _checks.int_label_rows(labels, batch_shape, where,
                                        ignore_index, global_vocab)
-  hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
-                  global_vocab, compute_dtype(x.dtype))
+  dtype = compute_dtype(x.dtype)
+  hp = make_hyper(*hyper[:4], global_vocab, dtype, hyper[4])
+  rows = PerRow(_checks.row_weights(weights, batch_shape, dtype, flat=False),
+                _checks.objective_args(fn_args, batch_shape))
   cfg = Config(reduction, chunk_size or 0, grad_in_forward,
-                matmul_policy(x.dtype, vocab_major), return_aux, axis_name,
-                batch_axis_name, vocab_major=vocab_major,
-                untyped_mesh=_sharded.check_mesh_axes(
-                    axis_name, batch_axis_name, x, w, labels))
+               matmul_policy(x.dtype, vocab_major), return_aux, axis_name,
+               batch_axis_name, vocab_major=vocab_major,
+               untyped_mesh=_sharded.check_mesh_axes(
+                   axis_name, batch_axis_name, x, w, labels),
+               objective=objective)
   lead = None
   if axis_name is None and batch_axis_name is None:
     lead = _sharded.explicit_batch_spec(x, w, bias)
   if lead is None:
-    return local_loss(cfg, x, w, bias, labels, row, hp)
+    return local_loss(cfg, x, w, bias, labels, row, hp, rows)
   # Explicit mesh axes shard the batch: each device runs the chunk loop on
   # its own rows, reductions psum over those axes.
   return _sharded.map_explicit_batch(
       lambda axes, *args: local_loss(cfg._replace(batch_axes=axes), *args),
-      lead, x, w, bias, labels, row, hp, per_row=reduction == "none",
+      lead, x, w, bias, labels, row, hp, rows, per_row=reduction == "none",
       aux_type=LossAux, return_aux=return_aux)

@@ -17,24 +17,26 @@ import jax.numpy as jnp
 from jax_softmax import _checks
 from jax_softmax._aux import LossAux, grad_aux, row_aux
 from jax_softmax._kernel import (
-    Classes,
-    Hyper,
-    RowStats,
-    grad_hyper,
-    grad_logits,
-    grad_target,
-    label_weights,
-    make_hyper,
-    row_stats,
+  Classes,
+  Hyper,
+  RowStats,
+  grad_hyper,
+  grad_logits,
+  grad_target,
+  label_weights,
+  make_hyper,
+  row_stats,
+  temperature_grad,
 )
 from jax_softmax._numerics import NEG_INF, clean_rows, compute_dtype, mul0
 from jax_softmax._primitives import logsumexp
 from jax_softmax._reduce import (
-    reduce_rows,
-    row_cotangents,
-    shape_outputs,
-    split_cotangent,
-    unwrap_primals,
+  reduce_rows,
+  row_cotangents,
+  shape_outputs,
+  split_cotangent,
+  unwrap_primals,
+  weight_grad,
 )
 
 
@@ -46,12 +48,12 @@ class _Config(NamedTuple):
   return_aux: bool = False
 
 
-def _outputs(cfg: _Config, z, target, row, class_mask, hp: Hyper):
+def _outputs(cfg: _Config, z, target, row, class_mask, hp: Hyper, weights):
   """``(outputs, row stats, aux)`` of the loss on ``(rows, C)`` logits."""
   classes = Classes(z.shape[-1])
   st = row_stats(z, target, row, class_mask, hp, int_labels=cfg.int_labels,
                  classes=classes, keep_exp=True)
-  loss = reduce_rows(st, hp, cfg.reduction)
+  loss = reduce_rows(st, hp, cfg.reduction, weights=weights)
   if not cfg.return_aux:
     return loss, st, None
   aux = row_aux(z, target, st.counted, class_mask, hp,
@@ -60,8 +62,9 @@ def _outputs(cfg: _Config, z, target, row, class_mask, hp: Hyper):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cross_entropy(cfg: _Config, z, target, row, class_mask, hp: Hyper):
-  return _outputs(cfg, z, target, row, class_mask, hp)[0]
+def _cross_entropy(cfg: _Config, z, target, row, class_mask, hp: Hyper,
+                   weights):
+  return _outputs(cfg, z, target, row, class_mask, hp, weights)[0]
 
 
 class _Residuals(NamedTuple):
@@ -71,23 +74,26 @@ class _Residuals(NamedTuple):
   hp: Hyper
   stats: RowStats
   aux: LossAux | None
+  weights: jax.Array | None
 
 
-def _cross_entropy_fwd(cfg: _Config, z, target, row, class_mask, hp):
-  z, target, row, class_mask, hp = (unwrap_primals(a)[0] for a in (
-      z, target, row, class_mask, hp))
-  out, st, aux = _outputs(cfg, z, target, row, class_mask, hp)
+def _cross_entropy_fwd(cfg: _Config, z, target, row, class_mask, hp,
+                       weights):
+  z, target, row, class_mask, hp, weights = (unwrap_primals(a)[0] for a in (
+      z, target, row, class_mask, hp, weights))
+  out, st, aux = _outputs(cfg, z, target, row, class_mask, hp, weights)
   if not cfg.int_labels:
     target = clean_rows(target, st.counted)
   return out, _Residuals(logits=z, target=target, class_mask=class_mask,
-                         hp=hp, stats=st, aux=aux)
+                         hp=hp, stats=st, aux=aux, weights=weights)
 
 
 def _cross_entropy_bwd(cfg: _Config, res: _Residuals, g):
   g, (g_lse, g_ent) = split_cotangent(g, cfg.return_aux)
   z, target, class_mask, hp, st = res[:5]
   classes = Classes(z.shape[-1])
-  cot = row_cotangents(st, cfg.reduction, g, int_labels=cfg.int_labels)
+  cot = row_cotangents(st, cfg.reduction, g, int_labels=cfg.int_labels,
+                       weights=res.weights)
   dz = grad_logits(z, target, class_mask, hp, st, cot,
                    int_labels=cfg.int_labels, classes=classes)
   if g_lse is not None or g_ent is not None:
@@ -99,7 +105,9 @@ def _cross_entropy_bwd(cfg: _Config, res: _Residuals, g):
     dt = grad_target(z, class_mask, hp, st, cot).astype(target.dtype)
   dhp = grad_hyper(z, target, class_mask, hp, st, cot,
                    int_labels=cfg.int_labels, classes=classes)
-  return dz.astype(z.dtype), dt, None, None, dhp
+  dhp = dhp._replace(temperature=temperature_grad(dz, z, hp, classes))
+  return (dz.astype(z.dtype), dt, None, None, dhp,
+          weight_grad(st, cot, res.weights))
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd,
@@ -123,6 +131,8 @@ def cross_entropy(
     reduction: str = "mean",
     check_labels: bool = False,
     return_aux: bool = False,
+    weights: jax.typing.ArrayLike | None = None,
+    temperature: jax.typing.ArrayLike = 1.0,
 ) -> jax.Array | tuple[jax.Array, LossAux]:
   r"""Softmax cross-entropy from logits, with a hand-written gradient.
 
@@ -184,6 +194,17 @@ def cross_entropy(
       ``entropy``, ``argmax`` and ``correct`` (computed in the same call;
       ``lse`` and ``entropy`` are differentiable, with hand-written
       gradients; hyperparameter gradients cover the loss only).
+    weights: optional per-row floating weights of the batch shape (may be
+      negative, e.g. advantages, traced and differentiated): each row's
+      cross-entropy term is multiplied by its weight; the z-loss is not,
+      and the ``"mean"`` denominator is unchanged, so a weighted mean is
+      ``reduction="sum"`` divided by ``sum(weights)``. The gradient with
+      respect to a weight is its row's cross-entropy term (times the
+      reduction's scale).
+    temperature: positive scalar ``T`` (may be traced; its gradient is
+      exact): the logits are divided by it before anything else (the soft
+      cap then applies to ``z / T``; the aux outputs are those of the
+      scaled logits).
 
   Returns:
     A scalar (``"mean"``, ``"sum"``) or the batch-shaped per-row loss
@@ -222,11 +243,21 @@ def cross_entropy(
   _checks.check_reduction(reduction)
   r = _checks.logit_rows(logits, labels, axis, where, ignore_index,
                          check_labels)
+  dtype = compute_dtype(r.logits.dtype)
   hp = make_hyper(label_smoothing, z_loss, soft_cap, class_weights,
-                  r.logits.shape[-1], compute_dtype(r.logits.dtype))
+                  r.logits.shape[-1], dtype, temperature)
   out = _cross_entropy_jit(_Config(reduction, r.int_labels, return_aux),
-                           r.logits, r.target, r.row_mask, r.class_mask, hp)
+                           r.logits, r.target, r.row_mask, r.class_mask, hp,
+                           _checks.row_weights(weights, r.batch_shape,
+                                               dtype))
   return shape_outputs(out, reduction, return_aux, r.batch_shape)
+
+
+def rows_with_aux(r: _checks.LogitRows, hp: Hyper):
+  """Per-row ``-log p_y`` (unreduced) and :class:`LossAux` of integer
+  labels laid out as ``r``, with the hand-written gradients of both."""
+  return _cross_entropy_jit(_Config("none", True, True), r.logits, r.target,
+                            r.row_mask, r.class_mask, hp, None)
 
 
 def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
@@ -244,7 +275,7 @@ def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
   if cmask is not None and not r.int_labels:
     target = jnp.where(cmask, target, 0.0)
   out = _cross_entropy_jit(_Config("none", r.int_labels), z, target,
-                           r.row_mask, cmask, Hyper())
+                           r.row_mask, cmask, Hyper(), None)
   if cmask is not None and r.int_labels:
     n = z.shape[-1]
     in_range = (target >= 0) & (target < n)
@@ -345,11 +376,11 @@ def softmax_cross_entropy(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _nll(reduction, lp, y, row, class_mask, hp):
-  return _nll_fwd(reduction, lp, y, row, class_mask, hp)[0]
+def _nll(reduction, lp, y, row, class_mask, hp, weights):
+  return _nll_fwd(reduction, lp, y, row, class_mask, hp, weights)[0]
 
 
-def _nll_fwd(reduction, lp, y, row, class_mask, hp):
+def _nll_fwd(reduction, lp, y, row, class_mask, hp, weights):
   n = lp.shape[-1]
   yc = jnp.clip(y, 0, n - 1)
   counted = row if class_mask is None else row & jnp.any(class_mask, -1)
@@ -367,12 +398,13 @@ def _nll_fwd(reduction, lp, y, row, class_mask, hp):
   st = RowStats(lse=zero, xent=nll, counted=counted,
                 mean_weight=jnp.where(counted, w_y, 0.0), target_mass=zero,
                 support_size=zero, nan_row=bad, shift=zero, log_sum=zero)
-  return reduce_rows(st, hp, reduction), (lp, y, class_mask, hp, st, lp_y)
+  return (reduce_rows(st, hp, reduction, weights=weights),
+          (lp, y, class_mask, hp, st, lp_y, weights))
 
 
 def _nll_bwd(reduction, res, g):
-  lp, y, class_mask, hp, st, lp_y = res
-  cot = row_cotangents(st, reduction, g, int_labels=True)
+  lp, y, class_mask, hp, st, lp_y, weights = res
+  cot = row_cotangents(st, reduction, g, int_labels=True, weights=weights)
   n = lp.shape[-1]
   w_y = label_weights(y, hp, n, cot.xent.dtype)
   onehot = jnp.arange(n)[None, :] == y[:, None]
@@ -383,10 +415,11 @@ def _nll_bwd(reduction, res, g):
   d = jnp.where(nan_row[:, None], jnp.nan, d)
   d_w = None
   if hp.class_weights is not None:
-    d_w = jax.ops.segment_sum(cot.xent * (-lp_y - cot.mean_xent),
+    d_w = jax.ops.segment_sum(-cot.xent * lp_y - cot.scale * cot.mean_xent,
                               jnp.clip(y, 0, n - 1), num_segments=n)
     d_w = d_w.astype(hp.class_weights.dtype)
-  return d.astype(lp.dtype), None, None, None, Hyper(class_weights=d_w)
+  return (d.astype(lp.dtype), None, None, None, Hyper(class_weights=d_w),
+          weight_grad(st, cot, weights))
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd)
@@ -403,6 +436,7 @@ def nll_loss(
     class_weights: jax.typing.ArrayLike | None = None,
     reduction: str = "mean",
     check_labels: bool = False,
+    weights: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Negative log-likelihood of integer labels under given log-probabilities.
 
@@ -417,8 +451,9 @@ def nll_loss(
     log_probs: ``(..., classes)`` log-probabilities (e.g. from
       :func:`log_softmax`).
     labels: integer labels of the batch shape.
-    axis, where, ignore_index, class_weights, reduction, check_labels: as in
-      :func:`cross_entropy` (a masked target class gives ``+inf``).
+    axis, where, ignore_index, class_weights, reduction, check_labels,
+      weights: as in :func:`cross_entropy` (a masked target class gives
+      ``+inf``).
 
   Returns:
     Scalar or per-row loss of dtype ``result_type(log_probs, float32)``. A
@@ -440,5 +475,7 @@ def nll_loss(
                     f"{jnp.asarray(labels).dtype}.")
   hp = make_hyper(0.0, 0.0, None, class_weights, r.logits.shape[-1],
                   compute_dtype(r.logits.dtype))
-  out = _nll_jit(reduction, r.logits, r.target, r.row_mask, r.class_mask, hp)
+  out = _nll_jit(reduction, r.logits, r.target, r.row_mask, r.class_mask, hp,
+                 _checks.row_weights(weights, r.batch_shape,
+                                     compute_dtype(r.logits.dtype)))
   return out.reshape(r.batch_shape) if reduction == "none" else out

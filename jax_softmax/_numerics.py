@@ -64,13 +64,14 @@ def soft_cap(z, cap):
   ``z / cap`` underflows) is no cap.
 
   """
-  u = over_cap(z, cap)
+  u = div_scalar(z, cap)
   capped = jnp.where(jnp.abs(u) < 2.0**-12, z, cap * jnp.tanh(u))
   return jnp.where(z == NEG_INF, NEG_INF, capped)
 
 
-def over_cap(z, cap):
-  """``z / cap`` for a scalar ``cap``, also for a huge one. XLA's CPU
+def div_scalar(z, cap):
+  """``z / cap`` for a positive scalar ``cap`` (a soft cap, a temperature),
+  also for a huge one. XLA's CPU
   backend divides by a scalar through its reciprocal, and ``1 / 1e38`` is
   subnormal (flushed to 0): a cap above ``2**64`` divides as
   ``(z 2**-64) / (cap 2**-64)`` instead (exact scalings; the barrier keeps

@@ -10,24 +10,37 @@ mesh axes (the sums are global).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax._kernel import Hyper, RowCotangents, RowStats
+from jax_softmax._numerics import clean_rows, mul0
 from jax_softmax._sharded import BatchAxes, batch_sum
 
 
+def weighted_xent(st: RowStats, weights):
+  """``weights * xent`` per row (``0 * inf = 0``; uncounted rows 0)."""
+  if weights is None:
+    return st.xent
+  return mul0(jnp.where(st.counted, weights, 0.0).astype(st.xent.dtype),
+              st.xent)
+
+
 def reduce_rows(st: RowStats, hp: Hyper, reduction: str,
-                batch_axes: BatchAxes = None) -> jax.Array:
-  """Applies ``reduction`` to the per-row terms of ``st``.
+                batch_axes: BatchAxes = None, weights=None) -> jax.Array:
+  """Applies ``reduction`` to the per-row terms of ``st``, the
+  cross-entropy terms times the per-row ``weights`` if given (the
+  denominators of ``"mean"`` do not change).
 
   The z-loss term is formed per row as ``(z_loss * lse) * lse``, which
   stays finite wherever the result does (``lse**2`` alone overflows
   float32 beyond ``|lse| = 1.8e19``).
   """
-  xent = st.xent if reduction == "none" else batch_sum(st.xent, batch_axes)
+  xent = weighted_xent(st, weights)
+  xent = xent if reduction == "none" else batch_sum(xent, batch_axes)
   d_xent, d_z = denominators(st, reduction, batch_axes)
   xent = xent / d_xent
   if hp.z_loss is None:
@@ -56,20 +69,100 @@ def denominators(st: RowStats, reduction: str, batch_axes: BatchAxes):
 
 
 def row_cotangents(st: RowStats, reduction: str, g, *, int_labels: bool,
-                   batch_axes: BatchAxes = None) -> RowCotangents:
-  """Per-row cotangents of the loss ``reduce_rows(st, ...)`` for its
-  cotangent ``g``. Only ``counted``, ``mean_weight`` (and, for
+                   batch_axes: BatchAxes = None, weights=None
+                   ) -> RowCotangents:
+  """Per-row cotangents of the loss ``reduce_rows(st, ..., weights)`` for
+  its cotangent ``g``. Only ``counted``, ``mean_weight`` (and, for
   ``mean_xent``, ``xent``) of ``st`` are read."""
   g = jnp.asarray(g, st.xent.dtype)
   d_xent, d_z = denominators(st, reduction, batch_axes)
   mean_xent = jnp.zeros((), st.xent.dtype)
   if reduction == "mean" and int_labels:
-    mean_xent = batch_sum(st.xent, batch_axes) / d_xent
+    mean_xent = batch_sum(weighted_xent(st, weights), batch_axes) / d_xent
 
   def per_row(c):
     return jnp.where(st.counted, jnp.broadcast_to(c, st.xent.shape), 0.0)
 
-  return RowCotangents(per_row(g / d_xent), per_row(g / d_z), mean_xent)
+  scale = per_row(g / d_xent)
+  xent = scale if weights is None else per_row(scale * weights)
+  return RowCotangents(xent, per_row(g / d_z), mean_xent, scale)
+
+
+def weight_grad(st: RowStats, cot: RowCotangents, weights):
+  """``d loss / d weights``: each counted row's cross-entropy term times
+  the reduction's scale (None without weights)."""
+  if weights is None:
+    return None
+  return jnp.where(st.counted, cot.scale * st.xent, 0.0).astype(
+      weights.dtype)
+
+
+class PerRow(NamedTuple):
+  """Per-row inputs of a loss beside its labels (or their gradients)."""
+
+  weights: jax.Array | None     # cross-entropy weights, ``(rows,)``
+  fn_args: tuple                # an objective's arguments, ``(rows, ...)``
+
+
+def _objective_inputs(st: RowStats, entropy, fn_args):
+  """``(log p_y, entropy, *fn_args)`` with uncounted rows' set to 0, so
+  that ``fn`` and its derivative see no NaN they could turn into a
+  ``0 * inf`` there."""
+  return (jnp.where(st.counted, -st.xent, 0.0),
+          jnp.where(st.counted, entropy, 0.0),
+          *(clean_rows(a, st.counted) for a in fn_args))
+
+
+def objective_stats(xent, counted) -> RowStats:
+  """The row stats an objective reads: ``xent = -log p_y`` and ``counted``
+  (per row; the ``"mean"`` counts rows)."""
+  zero = jnp.zeros_like(xent)
+  return RowStats(lse=zero, xent=jnp.where(counted, xent, 0.0),
+                  counted=counted, mean_weight=counted.astype(xent.dtype),
+                  target_mass=zero, support_size=zero,
+                  nan_row=jnp.zeros_like(counted), shift=zero, log_sum=zero)
+
+
+def objective_rows(fn, st: RowStats, entropy, fn_args):
+  """``fn(log p_y, entropy, *fn_args)`` per row, 0 on uncounted rows."""
+  inputs = _objective_inputs(st, entropy, fn_args)
+  log_p = inputs[0]
+  f = jnp.asarray(fn(*inputs))
+  if f.shape != log_p.shape or not jnp.issubdtype(f.dtype, jnp.floating):
+    raise ValueError(
+        "the objective fn must map (rows,) log-probabilities and entropies "
+        f"to a floating (rows,) array; got {f.dtype}{list(f.shape)} for "
+        f"{log_p.shape[0]} rows.")
+  return jnp.where(st.counted, f, 0.0)
+
+
+def reduce_objective(f, st: RowStats, reduction: str,
+                     batch_axes: BatchAxes = None):
+  """``"none"``: the per-row values ``f``; ``"sum"``: their sum; ``"mean"``:
+  the sum over the counted rows' count (0 for none)."""
+  if reduction == "none":
+    return f
+  return batch_sum(f, batch_axes) / denominators(st, reduction,
+                                                 batch_axes)[1]
+
+
+def objective_cotangents(fn, st: RowStats, entropy, fn_args, c_f):
+  """For per-row cotangents ``c_f`` of ``f = fn(log p, H, *fn_args)``:
+  the row kernel's cotangents (``-d f / d log p`` is that of ``-log p``,
+  the ``xent`` of a plain cross-entropy), the entropy's ``d f / d H`` and
+  the arguments' gradients, all 0 on uncounted rows (``jax.vjp`` of
+  ``fn``, whatever uncounted rows hold)."""
+  f, vjp = jax.vjp(fn, *_objective_inputs(st, entropy, fn_args))
+  c = jnp.where(st.counted, c_f, 0.0).astype(f.dtype)
+  d_lp, d_h, *d_args = vjp(c)
+
+  def keep(a):
+    return clean_rows(a, st.counted)
+
+  zero = jnp.zeros_like(st.xent)
+  cot = RowCotangents(xent=-keep(d_lp).astype(zero.dtype), z_loss=zero,
+                      mean_xent=jnp.zeros((), zero.dtype), scale=zero)
+  return cot, keep(d_h).astype(zero.dtype), tuple(keep(a) for a in d_args)
 
 
 def shape_outputs(out, reduction: str, return_aux: bool,

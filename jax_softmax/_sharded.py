@@ -112,8 +112,7 @@ def mesh_typing(diff, other) -> tuple[tuple[str, ...], tuple]:
     missing = tuple(sorted(union - _varying(a)))
     return lax.pcast(a, missing, to="varying") if missing else a
 
-  return tuple(sorted(union)), tuple(None if a is None else cast(a)
-                                     for a in diff)
+  return tuple(sorted(union)), tuple(jax.tree.map(cast, a) for a in diff)
 
 
 def axis_size(name: str | None, caller: str) -> int:
@@ -168,11 +167,14 @@ def explicit_batch_spec(x, w, bias):
 
 
 def map_explicit_batch(local: Callable, lead, x, w, bias, labels, row, hp,
-                       *, per_row: bool, aux_type, return_aux: bool):
-  """Runs ``local(batch_axes, x, w, bias, labels, row, hp)`` on each
-  device's rows of a batch sharded as ``lead`` over Explicit mesh axes
-  (``shard_map``; no all-gather of ``x``): ``local`` reduces over the
-  returned ``batch_axes``. ``per_row``: the loss has the batch shape."""
+                       per_row_inputs, *, per_row: bool, aux_type,
+                       return_aux: bool):
+  """Runs ``local(batch_axes, x, w, bias, labels, row, hp,
+  per_row_inputs)`` on each device's rows of a batch sharded as ``lead``
+  over Explicit mesh axes (``shard_map``; no all-gather of ``x``):
+  ``local`` reduces over the returned ``batch_axes``. ``per_row_inputs``
+  is a pytree of arrays of the batch shape (and trailing dims); ``per_row``:
+  the loss has the batch shape."""
   axes = tuple(a for entry in lead if entry is not None
                for a in ((entry,) if isinstance(entry, str) else entry))
   rows = P(*lead)
@@ -181,7 +183,8 @@ def map_explicit_batch(local: Callable, lead, x, w, bias, labels, row, hp,
                else loss_spec)
   mapped = jax.shard_map(
       lambda *args: local(axes, *args), mesh=jax.typeof(x).sharding.mesh,
-      in_specs=(P(*lead, None), P(), P(), rows, rows, P()),
+      in_specs=(P(*lead, None), P(), P(), rows, rows, P(), rows),
       out_specs=out_specs)
   return mapped(x, w, bias, jax.reshard(labels, rows),
-                jax.reshard(row, rows), hp)
+                jax.reshard(row, rows), hp,
+                jax.tree.map(lambda a: jax.reshard(a, rows), per_row_inputs))

@@ -9,10 +9,10 @@ from jax_softmax._linear import linear_softmax_loss, softmax_with_gradients
 from jax_softmax._linear_ce import linear_cross_entropy
 from jax_softmax._losses import (
     cross_entropy,
-    nll_loss,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
+from jax_softmax._nll import nll_loss
 from jax_softmax._objectives import (
     linear_log_prob_objective,
     log_prob_objective,

@@ -110,7 +110,7 @@ class _Need(NamedTuple):
 
 class _Grads(NamedTuple):
   """Gradients of a sweep, float32, None where not formed; ``scale``
-  multiplies ``dx``, ``dw`` and ``dbias`` (see :func:`_recount`)."""
+  multiplies ``dx``, ``dw`` and ``dbias`` (see ``_reduce.recount``)."""
 
   dx: jax.Array | None = None
   dw: jax.Array | None = None
@@ -329,37 +329,19 @@ def _unit_cotangents(cfg: Config, w, bias, y, row, hp, weights
   """Per-row cotangents of a unit output cotangent, before the loop, and
   the row stats they assume: a row counts iff it is unmasked and the bias
   leaves it a class (right unless infinite ``x`` or ``w`` drive a row's
-  every logit to ``-inf``: see :func:`_recount`)."""
+  every logit to ``-inf``: see ``_reduce.recount``)."""
   classes = _classes(cfg, w)
   counted = row
   if bias is not None:
     has_class = (bias[None, :] != -jnp.inf).astype(jnp.int32)
     counted = row & (classes.max(has_class)[0] > 0)
-  dtype = compute_dtype(w.dtype)
-  w_y = label_weights(y, hp, classes.num_classes, dtype)
-  zero = jnp.zeros(y.shape, dtype)
-  pre = RowStats(lse=zero, xent=zero, counted=counted,
-                 mean_weight=jnp.where(counted, w_y, 0.0), target_mass=zero,
-                 support_size=zero, nan_row=zero.astype(bool), shift=zero,
-                 log_sum=zero)
+  w_y = label_weights(y, hp, classes.num_classes, compute_dtype(w.dtype))
+  pre = _reduce.stats_of(jnp.zeros_like(w_y), counted,
+                         jnp.where(counted, w_y, 0.0))
   return pre, _reduce.row_cotangents(pre, cfg.reduction, 1.0,
                                      int_labels=True,
                                      batch_axes=cfg.batch_axes,
                                      weights=weights)
-
-
-def _recount(cfg: Config, pre: RowStats, st: RowStats, hp: Hyper):
-  """The factor that makes gradients formed with the denominators of
-  ``pre`` those of the rows ``st`` counted: ``d_pre / d_true`` (1 but for
-  rows whose logits were all ``-inf``). Cross-entropy and z-loss terms
-  share one factor unless class weights and z-loss are both on; where
-  their factors then differ, NaN (no exact rescaling exists)."""
-  d_pre = _reduce.denominators(pre, cfg.reduction, cfg.batch_axes)
-  d_true = _reduce.denominators(st, cfg.reduction, cfg.batch_axes)
-  ratio = d_pre[0] / d_true[0]
-  if hp.z_loss is not None and hp.class_weights is not None:
-    ratio = jnp.where(ratio == d_pre[1] / d_true[1], ratio, jnp.nan)
-  return ratio
 
 
 def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
@@ -380,7 +362,8 @@ def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
   st, aux, f, grads = _forward_sweep(cfg, x, w, bias, y, row, hp, rows, need,
                                      cot)
   if grads is not None and pre is not None:
-    grads = grads._replace(scale=_recount(cfg, pre, st, hp))
+    grads = grads._replace(scale=_reduce.recount(pre, st, hp, cfg.reduction,
+                                                 cfg.batch_axes))
   return _outputs(cfg, st, aux, f, hp, rows), _Residuals(
       grads=grads, features=x, weights=w, bias=bias, labels=y, hp=hp,
       stats=st, aux=aux, need=need, rows=rows)

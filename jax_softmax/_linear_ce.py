@@ -117,6 +117,10 @@ def linear_cross_entropy(
       CPU backend (whose matmuls take row-major operands) a loop over
       several chunks costs one transposed copy of ``w`` per call and one
       of its gradient.
+    weights, temperature: as in :func:`cross_entropy` (per-row weights of
+      the labels' shape; ``z / T``). Neither leaves the three-matmul path;
+      the weights' gradient comes from the same pass, a differentiated
+      temperature adds the recomputing backward sweep.
 
   Returns:
     A scalar, or the per-row loss of the labels' shape for ``"none"``.

@@ -83,7 +83,7 @@ def log_prob_objective(
   xent, aux = rows_with_aux(r, hp)
   # Counted: unmasked, not ignored, a class left (lse > -inf; NaN counts).
   counted = r.row_mask & (aux.lse != -jnp.inf)
-  st = _reduce.objective_stats(xent, counted)
+  st = _reduce.stats_of(xent, counted, counted.astype(xent.dtype))
   f = _reduce.objective_rows(fn, st, aux.entropy, args)
   out = _reduce.reduce_objective(f, st, reduction)
   return out.reshape(r.batch_shape) if reduction == "none" else out

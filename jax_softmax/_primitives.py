@@ -26,13 +26,10 @@ Conventions (tested):
   ``b = 0`` or a ``-inf`` input puts a ``-inf`` into the computation, or a
   result is infinite; finite unmasked inputs with finite results pass.)
 
-Differentiation. These are ``jax.custom_vjp`` functions: reverse mode
-(``grad``, ``vjp``, ``jacrev``) works, and so do second derivatives through
-the hand-written backward, which is plain differentiable ``jax.numpy`` code:
-reverse-over-reverse (``jax.jacrev(jax.grad(f))``, grad-of-grad HVPs) and
-forward-over-reverse (``jax.hessian``, which is ``jacfwd(jacrev)``, and
-``jax.jvp(jax.grad(f), ...)`` HVPs). Only forward mode applied to the
-functions themselves (``jax.jvp(f)``, ``jax.jacfwd(f)``) raises ``TypeError``.
+Differentiation: ``jax.custom_vjp`` functions. Reverse mode works, and so
+do second derivatives through the hand-written (differentiable) backward,
+reverse over reverse and forward over reverse (``jax.hessian``); only
+forward mode of the functions themselves (``jax.jvp(f)``) raises.
 """
 
 from __future__ import annotations

@@ -113,14 +113,33 @@ def _objective_inputs(st: RowStats, entropy, fn_args):
           *(clean_rows(a, st.counted) for a in fn_args))
 
 
-def objective_stats(xent, counted) -> RowStats:
-  """The row stats an objective reads: ``xent = -log p_y`` and ``counted``
-  (per row; the ``"mean"`` counts rows)."""
+def stats_of(xent, counted, mean_weight, nan_row=None) -> RowStats:
+  """Row stats with only what the reductions read: the per-row ``xent``
+  (0 where not ``counted``), ``counted``, ``mean_weight`` (and
+  ``nan_row``); the kernel's other fields 0."""
   zero = jnp.zeros_like(xent)
   return RowStats(lse=zero, xent=jnp.where(counted, xent, 0.0),
-                  counted=counted, mean_weight=counted.astype(xent.dtype),
+                  counted=counted, mean_weight=mean_weight,
                   target_mass=zero, support_size=zero,
-                  nan_row=jnp.zeros_like(counted), shift=zero, log_sum=zero)
+                  nan_row=jnp.zeros_like(counted) if nan_row is None
+                  else nan_row, shift=zero, log_sum=zero)
+
+
+def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
+            batch_axes: BatchAxes = None):
+  """The factor that makes gradients formed with the denominators of
+  ``pre`` those of the rows ``st`` counted: exactly 1 unless a row counted
+  in ``pre`` is not in ``st``, else ``d_pre / d_true``. The cross-entropy
+  and z-loss terms share that factor unless class weights and z-loss are
+  both on: then NaN (no one rescaling is exact)."""
+  lost = batch_sum((pre.counted & ~st.counted).astype(jnp.int32),
+                   batch_axes) > 0
+  d_pre = denominators(pre, reduction, batch_axes)
+  d_true = denominators(st, reduction, batch_axes)
+  ratio = d_pre[0] / d_true[0]
+  if hp.z_loss is not None and hp.class_weights is not None:
+    ratio = jnp.full_like(ratio, jnp.nan)
+  return jnp.where(lost, ratio, jnp.ones_like(ratio))
 
 
 def objective_rows(fn, st: RowStats, entropy, fn_args):

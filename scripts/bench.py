@@ -65,6 +65,15 @@ compiled but not run, and the table says so.
   of this script with ``--xla_force_host_platform_device_count=8`` added
   (jax reads the flags once, when its backend starts).
 
+``objectives`` (``BxDxV``, ``--section objectives`` only): post-training
+  at the fused path: ``ppo_fused`` (``linear_log_prob_objective`` with a
+  PPO clipped objective and an entropy bonus) against ``ppo_plain`` (plain
+  autodiff of the same objective on materialised logits), and
+  ``weighted_fused`` (``linear_cross_entropy(..., weights=adv,
+  reduction="sum")``) against ``weighted_four_matmuls`` (``sum(adv *
+  linear_cross_entropy(..., reduction="none"))``, which recomputes) and
+  ``weighted_plain`` (optax on the logits), against the floor ``matmuls``.
+
 ``--scale`` adds a compile-only memory comparison at ``4096x256x262144``
 float32 (``fused`` vs ``optax``; optax is not run) and runs the fused loss
 once. Output: a markdown table on stdout (also ``results.md``),
@@ -108,21 +117,23 @@ GIB = 2**30
 DEFAULT_SHAPES = {"logits": ((8192, 32000),),
                   "fused": ((2048, 512, 32000), (1024, 1024, 128000)),
                   "model": ((8, 512, 256, 32000),),
-                  "sharded": ((2048, 512, 32000),)}
+                  "sharded": ((2048, 512, 32000),),
+                  "objectives": ((2048, 512, 32000), (1024, 1024, 128000))}
 QUICK_SHAPES = {"logits": ((256, 1000),),
                 "fused": ((96, 32, 999),),
                 "model": ((2, 24, 16, 300),),
-                "sharded": ((96, 32, 1000),)}
+                "sharded": ((96, 32, 1000),),
+                "objectives": ((96, 32, 999),)}
 SCALE_SHAPE = (4096, 256, 262144)
 # Small, but big enough that the default chunk (256 rows) is below the
 # batch: the fused loss then holds no (b, V) buffer and optax does.
 QUICK_SCALE_SHAPE = (512, 16, 32768)
 QUICK_RUNS = 3
 FLOORS = {"logits": "copy", "fused": "matmuls", "model": "matmuls",
-          "sharded": "one_device"}
+          "sharded": "one_device", "objectives": "matmuls"}
 SECTIONS = tuple(FLOORS)
-ALL = ("logits", "fused", "model")  # --section all; sharded on its own
-RANKS = {"logits": 2, "fused": 3, "model": 4, "sharded": 3}
+ALL = ("logits", "fused", "model")  # --section all; the others on their own
+RANKS = {"logits": 2, "fused": 3, "model": 4, "sharded": 3, "objectives": 3}
 RANK_NAMES = {2: "BxV", 3: "BxDxV", 4: "BxTxDxV"}
 # The sharded section's devices on a CPU host (a GPU host keeps its own).
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -290,8 +301,69 @@ def _sharded_impls() -> list[Impl]:
           Impl("one_device", grad(one))]
 
 
+def _ppo(logp, entropy, old_logp, adv):
+  ratio = jnp.exp(logp - old_logp)
+  return (-jnp.minimum(ratio * adv, jnp.clip(ratio, 0.8, 1.2) * adv)
+          - 0.01 * entropy)
+
+
+def _objectives_impls() -> list[Impl]:
+  """PPO objective and weighted loss: fused, against the four-matmul
+  ``sum(adv * linear_cross_entropy(..., "none"))`` and plain autodiff of
+  the same objective on materialised logits. ``g`` stands in for the
+  per-row advantages (its first column) and the old log-probabilities."""
+  js = jax_softmax
+
+  def rows(g, b):
+    adv = g[:b, 0].astype(F32) * 1e4   # g is O(1 / V): advantages O(1)
+    return adv, -jnp.log(jnp.float32(1000.0)) + adv * 0.0
+
+  def ppo_fused(x, w, y, g):
+    adv, old = rows(g, x.shape[0])
+    return js.linear_log_prob_objective(x, w, y, _ppo, (old, adv))
+
+  def ppo_plain(x, w, y, g):
+    adv, old = rows(g, x.shape[0])
+    z = jnp.matmul(x, w, preferred_element_type=F32)
+    lp = jax.nn.log_softmax(z)
+    logp = jnp.take_along_axis(lp, y[:, None], -1)[:, 0]
+    ent = -jnp.sum(jnp.exp(lp) * lp, -1)
+    return jnp.mean(_ppo(logp, ent, old, adv))
+
+  def weighted_fused(x, w, y, g):
+    return js.linear_cross_entropy(x, w, y, weights=rows(g, x.shape[0])[0],
+                                   reduction="sum")
+
+  def weighted_four(x, w, y, g):
+    adv = rows(g, x.shape[0])[0]
+    return jnp.sum(adv * js.linear_cross_entropy(x, w, y, reduction="none"))
+
+  def weighted_plain(x, w, y, g):
+    adv = rows(g, x.shape[0])[0]
+    z = jnp.matmul(x, w, preferred_element_type=F32)
+    return jnp.sum(adv * optax.softmax_cross_entropy_with_integer_labels(
+        z, y))
+
+  def mm(a, b):
+    return jnp.matmul(a, b, preferred_element_type=F32)
+
+  def matmuls(x, w, y, g):
+    return mm(x, w), mm(g, w.T), mm(x.T, g)
+
+  def grad(f):
+    return jax.value_and_grad(f, argnums=(0, 1))
+
+  return [Impl("ppo_fused", grad(ppo_fused)),
+          Impl("ppo_plain", grad(ppo_plain)),
+          Impl("weighted_fused", grad(weighted_fused)),
+          Impl("weighted_four_matmuls", grad(weighted_four)),
+          Impl("weighted_plain", grad(weighted_plain)),
+          Impl("matmuls", matmuls, loss=False)]
+
+
 IMPLS = {"logits": _logits_impls, "fused": _fused_impls,
-         "model": _model_impls, "sharded": _sharded_impls}
+         "model": _model_impls, "sharded": _sharded_impls,
+         "objectives": _objectives_impls}
 
 
 def all_impl_names() -> dict[str, list[str]]:
@@ -586,9 +658,11 @@ def _shapes(text):
     raise argparse.ArgumentTypeError(
         f"expected shapes like 8192x32000,2048x512x32000; got {text!r}"
     ) from None
-  if not shapes or any(len(s) not in (2, 3) or min(s) < 1 for s in shapes):
+  if not shapes or any(len(s) not in (2, 3, 4) or min(s) < 1
+                       for s in shapes):
     raise argparse.ArgumentTypeError(
-        f"each shape is BxV (logits) or BxDxV (fused); got {text!r}")
+        f"each shape is BxV (logits), BxDxV (fused, objectives) or BxTxDxV "
+        f"(model); got {text!r}")
   return shapes
 
 

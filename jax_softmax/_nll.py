@@ -91,9 +91,9 @@ def nll_loss(
     log_probs: ``(..., classes)`` log-probabilities (e.g. from
       :func:`log_softmax`).
     labels: integer labels of the batch shape.
-    axis, where, ignore_index, class_weights, reduction, check_labels,
-      weights: as in :func:`cross_entropy` (a masked target class gives
-      ``+inf``).
+    axis, where, ignore_index, class_weights, reduction: as in
+      :func:`cross_entropy` (a masked target class gives ``+inf``).
+    check_labels, weights: as in :func:`cross_entropy`.
 
   Returns:
     Scalar or per-row loss of dtype ``result_type(log_probs, float32)``. A

@@ -120,8 +120,10 @@ def linear_log_prob_objective(
   (entropy and log-probabilities over the global vocabulary).
 
   Args:
-    x, w, labels, bias, where, ignore_index, chunk_size, w_layout,
-      axis_name, batch_axis_name: as in :func:`linear_cross_entropy`.
+    x, w, labels, bias, where, ignore_index: as in
+      :func:`linear_cross_entropy`.
+    chunk_size, w_layout, axis_name, batch_axis_name: as in
+      :func:`linear_cross_entropy`.
     fn, fn_args, temperature, reduction: as in :func:`log_prob_objective`.
 
   Returns:

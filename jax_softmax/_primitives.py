@@ -20,11 +20,10 @@ Conventions (tested):
 * NaN or ``+inf`` anywhere in the support of a slice makes that slice NaN,
   values and gradients (logsumexp of a ``+inf`` slice is ``+inf``). Masked
   entries may hold anything.
-* No NaN is formed for inputs whose results are NaN-free, eagerly, under
-  ``jit`` or ``disable_jit``, values and gradients: ``jax_debug_nans`` only
-  fires for results that are NaN. (``jax_debug_infs`` fires wherever a mask,
-  ``b = 0`` or a ``-inf`` input puts a ``-inf`` into the computation, or a
-  result is infinite; finite unmasked inputs with finite results pass.)
+* No NaN is formed for inputs whose results are NaN-free (eager, ``jit``,
+  ``disable_jit``; values and gradients): ``jax_debug_nans`` only fires
+  for NaN results (``jax_debug_infs`` also for masks, ``b = 0`` and
+  ``-inf`` inputs, which put a ``-inf`` into the computation).
 
 Differentiation: ``jax.custom_vjp`` functions. Reverse mode works, and so
 do second derivatives through the hand-written (differentiable) backward,
@@ -47,10 +46,6 @@ from jax_softmax._numerics import NEG_INF as _NEG_INF
 from jax_softmax._numerics import compute_dtype, shift_exp
 
 Axis = int | tuple[int, ...] | None
-
-
-# --------------------------------------------------------------------------
-# shared pieces
 
 
 class _Sums(NamedTuple):

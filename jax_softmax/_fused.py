@@ -442,8 +442,10 @@ def local_loss(cfg: Config, x, w, bias, labels, row, hp,
         lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), rows2)
   cfg = cfg._replace(chunk=chunk)
   if cfg.vocab_axis is not None or cfg.batch_axes is not None:
-    varying, (x2, w, bias, rows2) = _sharded.mesh_typing(
-        (x2, w, bias, rows2), (y2, row2, hp))
+    # The per-row inputs enter through vocabulary-invariant row terms:
+    # cast, they would make the loss vary over the vocabulary axis.
+    varying, (x2, w, bias) = _sharded.mesh_typing((x2, w, bias),
+                                                  (y2, row2, hp, rows2))
     cfg = cfg._replace(varying=varying)
   out = _fused_jit(cfg, x2, w, bias, y2, row2, hp, rows2)
   return _reduce.shape_outputs(out, cfg.reduction, cfg.return_aux, batch_shape)

@@ -404,22 +404,14 @@ def _objective(logp, entropy, old_logp, adv):
   return -adv * jnp.exp(logp - old_logp) - 0.01 * entropy
 
 
-# Inside shard_map with axis_name (vocabulary split), per-row weights or
-# an objective make the result typed as varying over the vocabulary axis:
-# out_specs P() is refused ("could not infer replication"), and gradients
-# fail ("got float32[B], but expected float32[B]{V:model}"). With
-# check_vma=False the values are right. Batch-only meshes work.
-VMA = pytest.mark.xfail(strict=True, reason=(
-    "library: weights= / linear_log_prob_objective with axis_name inside "
-    "shard_map give an output varying over the vocabulary axis"))
-
-# (mesh, reduction, chunk_size, temperature differentiated)
-POST = [pytest.param(*c, marks=VMA) for c in (
+# (mesh, reduction, chunk_size, temperature differentiated). Per-row
+# weights and objective arguments once made the loss vary over the
+# vocabulary axis (they were cast to it): out_specs P() was refused.
+POST = [
     ("1d", "mean", 8, False), ("2d", "mean", 4, False),
     ("2d", "sum", 3, True), ("2d", "none", 4, False),
-    ("1d", "none", 3, True))] + [
-        ("data", "mean", 2, False), ("data", "sum", 3, True),
-        ("data", "none", 2, False)]
+    ("1d", "none", 3, True), ("data", "mean", 2, False),
+    ("data", "sum", 3, True), ("data", "none", 2, False)]
 
 
 @pytest.mark.parametrize("kind", ["objective", "weights"])

@@ -300,9 +300,10 @@ def softmax_cross_entropy_with_integer_labels(
   hand-written gradient. Same signature and results as optax wherever
   optax's result is finite and correct, ``where`` masks included (a class
   mask that hides the target scores it by its raw logit, as optax does).
-  Departures: a label outside ``[0, classes)`` gives NaN (optax wraps
-  negative labels and clips large ones), there is no ``ignore_index``, and
-  the loss is float32 for bfloat16/float16 logits.
+  Departures: a label outside ``[0, classes)`` gives NaN for its row, and
+  concrete labels raise ``ValueError`` naming it (optax wraps negative
+  labels), there is no ``ignore_index``, and the loss is float32 for
+  bfloat16/float16 logits.
 
   Args:
     logits: ``(..., classes)`` floating logits.
@@ -337,8 +338,10 @@ def softmax_cross_entropy(
   and labels that broadcast to the logits' shape, and leaves masked
   classes (``where`` of the logits' rank) out of the sum. Departures:
   ``-inf`` logits on classes with zero target mass give a finite loss
-  (optax: NaN), and the loss is float32 for bfloat16/float16 logits. The
-  gradient with respect to ``labels`` is exact.
+  (optax: NaN), and the loss is float32 for bfloat16/float16 logits and
+  labels. The gradient with respect to ``labels`` is exact on the support
+  and 0 on masked classes or rows and on ``-inf`` logits (optax: NaN or
+  ``+inf`` there).
 
   Args:
     logits: ``(..., classes)`` floating logits.

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_softmax._kernel import Classes, Hyper, support_logits, to_logits
-from jax_softmax._numerics import NEG_INF, shift_exp
+from jax_softmax._numerics import NEG_INF, log_of_sum, shift_exp
 
 
 class LossAux(NamedTuple):
@@ -40,7 +40,9 @@ def _log_probs(z, class_mask, hp: Hyper, classes: Classes):
   zc = support_logits(z, class_mask, hp)
   valid = zc != NEG_INF
   m, shifted, e = shift_exp(zc, classes.max(zc)[:, None])
-  log_s = jnp.log(classes.sum(e))
+  at_top = shifted == 0   # log(1 + tiny) keeps its tiny (log_of_sum)
+  log_s = log_of_sum(classes.sum(jnp.where(at_top, e, 0.0)),
+                     classes.sum(jnp.where(at_top, 0.0, e)))
   safe = jnp.where(log_s == NEG_INF, 0.0, log_s)[:, None]
   log_p = jnp.where(valid, shifted - safe, 0.0)
   return zc, valid, log_p, m[:, 0] + log_s

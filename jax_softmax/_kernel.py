@@ -215,7 +215,8 @@ def row_stats(z, target, row, class_mask, hp: Hyper, *, int_labels: bool,
   m, shifted, e = shift_exp(zc, jnp.where(counted, top, 0.0)[:, None])
   valid = zc != NEG_INF
   k = classes.sum(valid.astype(zc.dtype))
-  poisoned = counted & (top == jnp.inf)
+  # NaN or +inf in a counted row: NaN loss and gradient, the whole row.
+  poisoned = counted & (jnp.isnan(top) | (top == jnp.inf))
   terms = (_int_label_terms if int_labels else _target_terms)(
       zc, shifted, e, valid, k, target, counted, hp, classes)
   log_s, xent, mass, weight, bad = terms
@@ -308,9 +309,6 @@ def _grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
   """``d loss / d zc`` with respect to the capped logits ``zc`` (which
   may be None when there is no smoothing: only the support needs it)."""
   eps = hp.label_smoothing
-  coef = cot.xent * st.target_mass
-  if hp.z_loss is not None:
-    coef = coef + cot.z_loss * 2 * hp.z_loss * st.lse
   if int_labels:
     onehot = classes.ids()[None, :] == target[:, None]
     ones = weighted(jnp.ones_like(p), classes.weights(hp))
@@ -323,7 +321,12 @@ def _grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
     valid = None if eps is None else zc != NEG_INF
     target_w = weighted(smoothed_target(target, valid, st.support_size, eps),
                         hp)
-  return coef[:, None] * p - cot.xent[:, None] * target_w
+  # c (a p - t_w), factored so that an infinite cotangent (a "mean" over
+  # zero class weights) gives +-inf, not inf - inf.
+  g = cot.xent[:, None] * (st.target_mass[:, None] * p - target_w)
+  if hp.z_loss is not None:
+    g = g + (cot.z_loss * 2 * hp.z_loss * st.lse)[:, None] * p
+  return g
 
 
 def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
@@ -360,11 +363,12 @@ def to_logits(g, zc, hp: Hyper):
 
 def grad_target(z, class_mask, hp: Hyper, st: RowStats, cot: RowCotangents):
   """``d loss / d t`` for probability targets: ``(1-eps) w_c nll_c`` on the
-  support, 0 off it and on uncounted rows."""
+  support, 0 off it and on uncounted rows, NaN on ``nan_row`` rows."""
   zc, _, nll = probs(z, class_mask, hp, st)
   scale = 1.0 if hp.label_smoothing is None else 1 - hp.label_smoothing
   dt = cot.xent[:, None] * scale * weighted(nll, hp)
-  return jnp.where((zc != NEG_INF) & st.counted[:, None], dt, 0.0)
+  dt = jnp.where((zc != NEG_INF) & st.counted[:, None], dt, 0.0)
+  return jnp.where(st.nan_row[:, None], jnp.nan, dt)
 
 
 def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,

@@ -41,6 +41,18 @@ def shift_exp(x: jax.Array, top: jax.Array
   return m, shifted, jnp.exp(shifted)
 
 
+def log_of_sum(k, r):
+  """``log(k + r)`` for ``k`` the terms at the maximum (1 each, times any
+  weight) and ``r`` the others: ``log k + log1p(r / k)``, which keeps a
+  tiny ``r`` (``log(1 + 2e-9)`` rounds to 0 in float32), where ``k > 0``
+  and ``k + r > 0``; ``log(k + r)`` elsewhere (``log|k + r|`` is the
+  caller's for signed sums)."""
+  ok = (k > 0) & (r > -k)
+  k_ok = jnp.where(ok, k, 1.0)
+  return jnp.where(ok, jnp.log(k_ok) + jnp.log1p(jnp.where(ok, r, 0.0) / k_ok),
+                   jnp.log(jnp.abs(k + r)))
+
+
 def mul0(a, b):
   """``a * b`` with ``0 * inf = 0``: a term whose coefficient is 0 drops
   out of the loss even where ``b = -log p`` is ``+inf`` (a masked target

@@ -43,7 +43,7 @@ from jax import lax
 
 from jax_softmax import _checks
 from jax_softmax._numerics import NEG_INF as _NEG_INF
-from jax_softmax._numerics import compute_dtype, shift_exp
+from jax_softmax._numerics import compute_dtype, log_of_sum, shift_exp
 
 Axis = int | tuple[int, ...] | None
 
@@ -85,14 +85,8 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   at_top = xs == m
   k = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
   r = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
-  total = k + r
-  ok = (k > 0) & (r > -k)
-  k_ok = jnp.where(ok, k, 1.0)
-  log_abs = jnp.where(ok, jnp.log(k_ok) + jnp.log1p(jnp.where(ok, r, 0.0) /
-                                                    k_ok),
-                      jnp.log(jnp.abs(total)))
   return _Sums(xs=xs, shift=m, empty=top == _NEG_INF, exp=u, terms=e,
-               total=total, log_abs=log_abs)
+               total=k + r, log_abs=log_of_sum(k, r))
 
 
 def _nan_where(bad: jax.Array, v: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ SPECIAL = (0.0, 1.0, -1.0, 1e3, -1e3, 3e38, -3e38, INF, -INF, NAN)
 REDUCTIONS = ("mean", "sum", "none")
 
 FAST = settings(max_examples=6, deadline=None)
-SLOW = settings(max_examples=60, deadline=None)
+SLOW = settings(max_examples=25, deadline=None)
 
 
 # --------------------------------------------------------------------------
@@ -109,7 +109,11 @@ def int_labels(draw, n, c, dtype, ignore_index):
     extra += [-1, -100, int(info.min)]
   if ignore_index is not None and info.min <= ignore_index <= info.max:
     extra.append(ignore_index)
-  extra = [v for v in extra if v <= 2**31 - 1 or dtype == np.uint32]
+  # int64 values beyond int32 cannot reach a jitted function intact (JAX
+  # converts them to int32 at the boundary, with x64 off); concrete ones
+  # raise (tests/test_hardening.py).
+  extra = [v for v in extra
+           if -2**31 <= v <= 2**31 - 1 or dtype == np.uint32]
   out = []
   for _ in range(n):
     if c and draw(st.floats(0, 1)) < 0.8:
@@ -456,6 +460,8 @@ def test_optax_drop_ins_match_reference(case, data):
     poison = np.any(np.isnan(zm) | (zm == INF), -1)
     counted = np.any(f64(z) > -INF, -1) if where is None or np.ndim(
         where) != 2 else np.any(where, -1)
+    if where is not None and np.ndim(where) == 1:   # a row mask
+      counted = counted & where
     expected = np.where(poison & counted, np.nan, expected)
     assert_match(out, expected, *LTOL, "integer drop-in")
     return

@@ -91,6 +91,9 @@ def test_every_policy_matches_the_float64_reference(monkeypatch, policy,
 
 
 def _hlo(policy, monkeypatch, dtype, w_layout, compiled=True):
+  # A fresh trace: the program of one policy, not a cached one (in a long
+  # session JAX's caches of earlier tests once tripped an internal check).
+  jax.clear_caches()
   monkeypatch.setattr(_linear_ce, "matmul_policy", lambda *_: policy)
   x, w, _, y = _data(dtype, b=64, v=100)
   w_in = w if w_layout == "dv" else w.T

@@ -149,7 +149,8 @@ class RowStats(NamedTuple):
     target_mass: total target weight ``a``: ``d xent / d z = a p - t_w``.
     support_size: ``K = |S|`` (label smoothing spreads over it).
     nan_row: bool, a counted row whose loss is NaN by rule (a bad label, or
-      ``+inf`` among its logits).
+      NaN or ``+inf`` among its logits).
+    bad_label: bool, a counted row whose integer label is out of range.
     shift: the row maximum ``m`` (0 on uncounted rows).
     log_sum: ``log sum_S exp(z - m)``: ``p = exp(z - m - log_sum)``.
     exp: ``(rows, C)`` ``exp(z - m)`` when kept for the backward pass.
@@ -164,6 +165,7 @@ class RowStats(NamedTuple):
   nan_row: jax.Array
   shift: jax.Array
   log_sum: jax.Array
+  bad_label: jax.Array
   exp: jax.Array | None = None
 
 
@@ -227,7 +229,8 @@ def row_stats(z, target, row, class_mask, hp: Hyper, *, int_labels: bool,
       lse=jnp.where(counted, lse, 0.0), xent=xent,
       counted=counted, mean_weight=weight, target_mass=mass,
       support_size=k, nan_row=nan_row, shift=m[:, 0],
-      log_sum=jnp.where(counted, log_s, 0.0), exp=e if keep_exp else None)
+      log_sum=jnp.where(counted, log_s, 0.0), exp=e if keep_exp else None,
+      bad_label=bad)
 
 
 def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
@@ -346,8 +349,10 @@ def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
   keep = st.counted[:, None]
   if class_mask is not None:
     keep = keep & class_mask
-  g = jnp.where(keep, g, 0.0)
-  return jnp.where(st.nan_row[:, None], jnp.nan, g)
+  # NaN rows: NaN on their classes (masked ones keep 0); a bad label's row:
+  # NaN on all.
+  g = jnp.where(keep, jnp.where(st.nan_row[:, None], jnp.nan, g), 0.0)
+  return jnp.where(st.bad_label[:, None], jnp.nan, g)
 
 
 def to_logits(g, zc, hp: Hyper):
@@ -367,8 +372,11 @@ def grad_target(z, class_mask, hp: Hyper, st: RowStats, cot: RowCotangents):
   zc, _, nll = probs(z, class_mask, hp, st)
   scale = 1.0 if hp.label_smoothing is None else 1 - hp.label_smoothing
   dt = cot.xent[:, None] * scale * weighted(nll, hp)
-  dt = jnp.where((zc != NEG_INF) & st.counted[:, None], dt, 0.0)
-  return jnp.where(st.nan_row[:, None], jnp.nan, dt)
+  keep = st.counted[:, None]
+  if class_mask is not None:
+    keep = keep & class_mask
+  dt = jnp.where(st.nan_row[:, None], jnp.nan, dt)
+  return jnp.where(keep & ((zc != NEG_INF) | st.nan_row[:, None]), dt, 0.0)
 
 
 def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,

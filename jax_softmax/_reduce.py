@@ -122,7 +122,9 @@ def stats_of(xent, counted, mean_weight, nan_row=None) -> RowStats:
                   counted=counted, mean_weight=mean_weight,
                   target_mass=zero, support_size=zero,
                   nan_row=jnp.zeros_like(counted) if nan_row is None
-                  else nan_row, shift=zero, log_sum=zero)
+                  else nan_row, shift=zero, log_sum=zero,
+                  bad_label=jnp.zeros_like(counted) if nan_row is None
+                  else nan_row)
 
 
 def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
@@ -137,6 +139,9 @@ def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
   d_pre = denominators(pre, reduction, batch_axes)
   d_true = denominators(st, reduction, batch_axes)
   ratio = d_pre[0] / d_true[0]
+  # Weights summing to 0: the gradient is inf/NaN on counted rows anyway,
+  # and rows not counted keep their 0 (no NaN factor over them).
+  ratio = jnp.where(jnp.isfinite(ratio), ratio, jnp.ones_like(ratio))
   if hp.z_loss is not None and hp.class_weights is not None:
     ratio = jnp.full_like(ratio, jnp.nan)
   return jnp.where(lost, ratio, jnp.ones_like(ratio))

@@ -7,6 +7,9 @@ comparisons of results brought back, and the residuals of a backward pass.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +114,15 @@ def saved_residuals(f, *args) -> list[jax.Array]:
   private ``saved_residuals``; the same arrays, in the same order, as
   :func:`jax.ad_checkpoint.print_saved_residuals` lists)."""
   return jax.tree.leaves(jax.vjp(f, *args)[1])
+
+
+def compile_jit(f, *args):
+  """``jax.jit(f)`` lowered and compiled for ``args`` (its HLO text and
+  ``memory_analysis()`` are what the work and memory tests read)."""
+  return jax.jit(f).lower(*args).compile()
+
+
+def op_counts(program):
+  """How many of each HLO op a compiled program holds (``dot``: matmuls)."""
+  ops = re.findall(r"= \w+\[[^\]]*\][^ ]* ([\w-]+)\(", program.as_text())
+  return Counter(ops)

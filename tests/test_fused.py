@@ -7,7 +7,6 @@ float32 and, under jax.enable_x64, in float64.
 """
 
 import re
-from collections import Counter
 
 import chex
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from helpers import assert_close, finite_scale, rel_err
+from helpers import assert_close, compile_jit, finite_scale, op_counts, rel_err
 
 import jax_softmax as js
 
@@ -250,15 +249,6 @@ def test_low_precision_dtypes(dtype):
   assert_close(dw, edw, dtype, finite_scale(edw))
 
 
-def _compiled(f, *args):
-  return jax.jit(f).lower(*args).compile()
-
-
-def _op_counts(compiled):
-  ops = re.findall(r"= \w+\[[^\]]*\][^ ]* ([\w-]+)\(", compiled.as_text())
-  return Counter(ops)
-
-
 @pytest.mark.slow
 def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   x, w, _, y = _data(b=64, v=100)
@@ -266,14 +256,14 @@ def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   def loss(x, w, **kw):
     return js.linear_cross_entropy(x, w, y, chunk_size=16, **kw)
 
-  assert _op_counts(_compiled(loss, x, w))["dot"] == 1  # primal: loss only
-  both = _compiled(jax.value_and_grad(loss, (0, 1)), x, w)
-  assert _op_counts(both)["dot"] == 3
-  assert _op_counts(_compiled(jax.grad(loss, 0), x, w))["dot"] == 2
-  assert _op_counts(_compiled(jax.grad(loss, 1), x, w))["dot"] == 2
-  recompute = _compiled(jax.value_and_grad(
+  assert op_counts(compile_jit(loss, x, w))["dot"] == 1  # primal: loss only
+  both = compile_jit(jax.value_and_grad(loss, (0, 1)), x, w)
+  assert op_counts(both)["dot"] == 3
+  assert op_counts(compile_jit(jax.grad(loss, 0), x, w))["dot"] == 2
+  assert op_counts(compile_jit(jax.grad(loss, 1), x, w))["dot"] == 2
+  recompute = compile_jit(jax.value_and_grad(
       lambda x, w: loss(x, w, grad_in_forward=False), (0, 1)), x, w)
-  assert _op_counts(recompute)["dot"] == 4
+  assert op_counts(recompute)["dot"] == 4
   # No copy or transpose of w anywhere in the gradient program.
   text = both.as_text()
   assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(", text)
@@ -311,11 +301,11 @@ def test_tied_embedding_layout_vd_is_used_as_is(use):
   # is not one), and the matmul counts are those of the (d, V) layout.
   for argnums in [(0, 1), (0,), (1,)]:
     f = jax.value_and_grad(tied, argnums)
-    compiled = _compiled(f, x, emb, bias)
+    compiled = compile_jit(f, x, emb, bias)
     assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\("
                          r"(?!%(wrapped_)?broadcast)", compiled.as_text())
-    plain = _compiled(jax.value_and_grad(loss, argnums), x, w, bias)
-    assert _op_counts(compiled)["dot"] == _op_counts(plain)["dot"]
+    plain = compile_jit(jax.value_and_grad(loss, argnums), x, w, bias)
+    assert op_counts(compiled)["dot"] == op_counts(plain)["dot"]
   with pytest.raises(ValueError, match=r"\(V, d\) \(w_layout='vd'\)"):
     js.linear_cross_entropy(x, w, y, w_layout="vd")
   with pytest.raises(ValueError, match="w_layout must be"):
@@ -338,7 +328,7 @@ def test_half_precision_w_on_cpu(w_layout, dtype):
   w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, w_layout=w_layout), (0, 1))
-  text = _compiled(f, x, w).as_text()
+  text = compile_jit(f, x, w).as_text()
   # float16 (no CPU kernels): one float32 copy of w for the one sweep
   # (without it XLA converts w inside the dots of every chunk). bfloat16:
   # the matmuls take bfloat16 operands, so w is never converted.
@@ -369,7 +359,7 @@ def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward, dtype,
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, grad_in_forward=grad_in_forward,
       w_layout=w_layout), (0, 1))
-  text = _compiled(f, x, w).as_text()
+  text = compile_jit(f, x, w).as_text()
   plain = w_layout == "dv" or dtype == jnp.bfloat16
   dw_shape = "8,100" if plain else shape
   dims = re.findall(rf"f32\[{dw_shape}\][^ ]* dot\([^)]*\), "
@@ -397,7 +387,7 @@ def test_no_batch_by_vocab_buffer(grad_in_forward):
           jax.ShapeDtypeStruct((b,), jnp.int32))
   f = jax.value_and_grad(lambda x, w, y: js.linear_cross_entropy(
       x, w, y, chunk_size=32, grad_in_forward=grad_in_forward), (0, 1))
-  compiled = _compiled(f, *args)
+  compiled = compile_jit(f, *args)
   assert not re.search(rf"\[{b},{v}\]", compiled.as_text())
   # Bound the temporaries too: well under one (b, V) float32 buffer.
   temp = compiled.memory_analysis().temp_size_in_bytes
@@ -418,7 +408,7 @@ def test_memory_at_most_one_eighth_of_optax():
     return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
 
   def temp(f):
-    compiled = _compiled(jax.value_and_grad(f, (0, 1)), *args)
+    compiled = compile_jit(jax.value_and_grad(f, (0, 1)), *args)
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp(fused) * 8 <= temp(plain)

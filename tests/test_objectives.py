@@ -9,7 +9,6 @@ the cross-entropies against tests/reference.py, weighted per row here.
 """
 
 import re
-from collections import Counter
 
 import chex
 import jax
@@ -17,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from helpers import as_float64, assert_close, finite_scale
+from helpers import (
+  as_float64,
+  assert_close,
+  compile_jit,
+  finite_scale,
+  op_counts,
+)
 
 import jax_softmax as js
 
@@ -636,15 +641,6 @@ def test_temperature_with_soft_cap_and_smoothing_vs_reference(api,
 # 4. work and memory
 
 
-def _compiled(f, *args):
-  return jax.jit(f).lower(*args).compile()
-
-
-def _op_counts(compiled):
-  ops = re.findall(r"= \w+\[[^\]]*\][^ ]* ([\w-]+)\(", compiled.as_text())
-  return Counter(ops)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_work_three_matmuls(reduction):
@@ -657,16 +653,16 @@ def test_work_three_matmuls(reduction):
                                         reduction=reduction, chunk_size=16)
 
   for argnums in ((0, 1), (0, 1, 2, 3)):
-    compiled = _compiled(jax.value_and_grad(objective, argnums), *args)
-    assert _op_counts(compiled)["dot"] == 3, argnums
+    compiled = compile_jit(jax.value_and_grad(objective, argnums), *args)
+    assert op_counts(compiled)["dot"] == 3, argnums
 
   def weighted(x, w, v):
     return js.linear_cross_entropy(x, w, y, weights=v, reduction=reduction,
                                    chunk_size=16)
 
   for argnums in ((0, 1), (0, 1, 2)):
-    compiled = _compiled(jax.value_and_grad(weighted, argnums), x, w, adv)
-    assert _op_counts(compiled)["dot"] == 3, argnums
+    compiled = compile_jit(jax.value_and_grad(weighted, argnums), x, w, adv)
+    assert op_counts(compiled)["dot"] == 3, argnums
 
 
 @pytest.mark.slow
@@ -687,7 +683,7 @@ def test_memory_no_batch_by_vocab_buffer(reduction):
     return plain_objective(x @ w, y, ppo, (old, adv), reduction=reduction)
 
   def compile_vg(f):
-    return _compiled(jax.value_and_grad(f, (0, 1)), *args)
+    return compile_jit(jax.value_and_grad(f, (0, 1)), *args)
 
   got = compile_vg(fused)
   assert not re.search(rf"\[{b},{v}\]", got.as_text())

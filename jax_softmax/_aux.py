@@ -7,7 +7,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_softmax._kernel import Classes, Hyper, support_logits, to_logits
+from jax_softmax._kernel import (
+  Classes,
+  Hyper,
+  RowStats,
+  support_logits,
+  to_logits,
+)
 from jax_softmax._numerics import NEG_INF, log_of_sum, shift_exp
 
 
@@ -76,6 +82,41 @@ def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
   if g_lse is not None:
     g = g + g_lse[:, None] * p
   if g_ent is not None:
-    g = g - g_ent[:, None] * p * (log_p + aux.entropy[:, None])
+    g = g + _entropy_grad(p, log_p, aux.entropy, g_ent)
   return jnp.where(valid, to_logits(g, zc, hp), 0.0)
+
+
+def _entropy_grad(p, log_p, entropy, g_ent):
+  """``g_ent * d H / d zc = -g_ent p (log p + H)`` (``(rows,)`` vectors
+  broadcast over the classes)."""
+  return -g_ent[:, None] * p * (log_p + entropy[:, None])
+
+
+def _stats_probs(z, st: RowStats, hp: Hyper):
+  """``(zc, valid, p, log p)`` of a block from its row stats, ``p`` from
+  the kept ``exp(zc - m)`` when there is one (no second exp)."""
+  zc = jnp.where(st.counted[:, None], support_logits(z, None, hp), 0.0)
+  valid = zc != NEG_INF
+  shifted = jnp.where(valid, zc - st.shift[:, None], 0.0)
+  e = jnp.exp(shifted) if st.exp is None else st.exp
+  p = jnp.where(valid, e * jnp.exp(-st.log_sum)[:, None], 0.0)
+  return zc, valid, p, shifted - st.log_sum[:, None]
+
+
+def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
+  """The softmax entropy of each row of a block from its row stats: one
+  pass over ``p``, ``H = log s - sum_c p_c (zc_c - m)``, both terms
+  non-negative (no cancellation). 0 on uncounted rows; NaN rows NaN."""
+  _, valid, p, log_p = _stats_probs(z, st, hp)
+  shifted = log_p + st.log_sum[:, None]
+  h = st.log_sum - classes.sum(jnp.where(valid, p * shifted, 0.0))
+  return jnp.where(st.counted, h, 0.0)
+
+
+def grad_stats_entropy(z, st: RowStats, entropy, g_ent, hp: Hyper):
+  """``d sum(g_ent * H) / d z`` for :func:`stats_entropy`'s ``H``: 0 on
+  uncounted rows and off the support."""
+  zc, valid, p, log_p = _stats_probs(z, st, hp)
+  g = to_logits(_entropy_grad(p, log_p, entropy, g_ent), zc, hp)
+  return jnp.where(valid & st.counted[:, None], g, 0.0)
 

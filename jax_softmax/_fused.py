@@ -37,7 +37,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_softmax import _matmuls, _reduce, _sharded
-from jax_softmax._aux import LossAux, grad_aux, row_aux
+from jax_softmax._aux import (
+  LossAux,
+  grad_aux,
+  grad_stats_entropy,
+  row_aux,
+  stats_entropy,
+)
 from jax_softmax._kernel import (
   Classes,
   Hyper,
@@ -140,10 +146,13 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
   if cot is not None:
     dz = dz + grad_logits(z, y_c, None, hp, st, cot, int_labels=True,
                           classes=classes)
-  if g_lse is not None or g_ent is not None:
+  objective = cfg.objective is not None
+  if objective and g_ent is not None:   # aux: the rows' entropy
+    dz = dz + grad_stats_entropy(z, st, aux, g_ent, hp)
+  elif g_lse is not None or g_ent is not None:
     dz = dz + grad_aux(z, None, hp, aux, g_lse, g_ent, classes=classes)
-  # Aux terms reach every row; the loss only counted ones.
-  keep = st.counted if g_lse is None and g_ent is None else None
+  # Aux terms reach every row; the loss and an objective only counted ones.
+  keep = st.counted if objective or (g_lse is None and g_ent is None) else None
   dx, dw = _matmuls.grad_matmuls(x_c, xt_c, ws, dz, keep, need_dx=need.dx,
                                   need_dw=need.dw,
                                   vocab_major=cfg.vocab_major)
@@ -217,11 +226,15 @@ def _accumulate(acc: _Grads, g: _Grads) -> _Grads:
 
 
 def _stats(cfg: Config, classes, z, y_c, r_c, hp: Hyper, keep_exp: bool):
-  """The chunk's row stats (and aux: an objective needs the entropy)."""
+  """The chunk's row stats and aux: the :class:`LossAux` with
+  ``return_aux``, the rows' entropy (from the stats) for an objective."""
+  objective = cfg.objective is not None
   st = row_stats(z, y_c, r_c, None, hp, int_labels=True, classes=classes,
-                 keep_exp=keep_exp)
+                 keep_exp=keep_exp or objective)
   aux = None
-  if cfg.return_aux or cfg.objective is not None:
+  if objective:
+    aux = stats_entropy(z, st, hp, classes)
+  elif cfg.return_aux:
     aux = row_aux(z, y_c, st.counted, None, hp, int_labels=True,
                   classes=classes)
   return st, aux
@@ -247,14 +260,14 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
     st, aux = _stats(cfg, classes, z, y_c, r_c, hp, keep_exp=cot is not None)
     f = dx = d_args = None
     if cfg.objective is not None:
-      f = _reduce.objective_rows(cfg.objective, st, aux.entropy,
+      f = _reduce.objective_rows(cfg.objective, st, aux,
                                  rows_c.fn_args)
     if cot_c is not None:
       c, g_ent = RowCotangents(cot_c[0], cot_c[1], cot.mean_xent,
                                cot_c[2]), None
       if cfg.objective is not None:   # d fn / d (log p, entropy, args)
         c, g_ent, d_args = _reduce.objective_cotangents(
-            cfg.objective, st, aux.entropy, rows_c.fn_args, cot_c[2])
+            cfg.objective, st, aux, rows_c.fn_args, cot_c[2])
       g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st, aux, c,
                        (None, g_ent), need)
       acc, dx = _accumulate(acc, g), g.dx
@@ -319,7 +332,7 @@ class _Residuals(NamedTuple):
   labels: jax.Array
   hp: Hyper
   stats: RowStats
-  aux: LossAux | None
+  aux: LossAux | jax.Array | None   # see _stats
   need: _Need
   rows: _reduce.PerRow
 
@@ -381,7 +394,7 @@ def _recompute_cotangents(cfg: Config, res: _Residuals, g, aux_cot):
         _reduce.weight_grad(st, cot, res.rows.weights), ())
   assert res.aux is not None
   cot, g_ent, d_args = _reduce.objective_cotangents(
-      cfg.objective, st, res.aux.entropy, res.rows.fn_args, cot.scale)
+      cfg.objective, st, res.aux, res.rows.fn_args, cot.scale)
   return cot, (None, g_ent), _reduce.PerRow(None, d_args)
 
 

@@ -206,18 +206,8 @@ def _fused_impls() -> list[Impl]:
   def with_optax(x, w, y, g):
     return optax.softmax_cross_entropy_with_integer_labels(mm(x, w), y).mean()
 
-  def matmuls(x, w, y, g):
-    return mm(x, w), mm(g, w.T), mm(x.T, g)
-
   def matmuls_xt(x, w, y, g):  # x^T materialised: dw as a plain product
     return mm(x, w), mm(g, w.T), mm(lax.optimization_barrier(x.T), g)
-
-  def with_transposes(args):  # (x, w, y, g) -> (..., w.T, x.T) materialised
-    x, w, *rest = args
-    return (x, w, *rest, jnp.asarray(w.T).copy(), jnp.asarray(x.T).copy())
-
-  def matmuls_plain(x, w, y, g, wt, xt):  # three row-major products
-    return mm(x, w), mm(g, wt), mm(xt, g)
 
   def grad(f, has_aux=False):
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=has_aux)
@@ -230,8 +220,31 @@ def _fused_impls() -> list[Impl]:
           Impl("fused_tied_T", grad(tied_t), place=as_embedding),
           Impl("fused_tied_vd", grad(tied_vd), place=as_embedding),
           Impl("optax", grad(with_optax)),
-          Impl("matmuls", matmuls, loss=False),
+          _floor_impls()[0],
           Impl("matmuls_xt", matmuls_xt, loss=False),
+          _floor_impls()[1]]
+
+
+def _floor_impls() -> list[Impl]:
+  """The three-matmul floor of a ``(B, D) x (D, V)`` loss: ``matmuls`` as
+  written (``g w^T`` and ``x^T g`` with transposed operands) and
+  ``matmuls_plain``, three row-major products (the transposes materialised
+  outside the timed region)."""
+
+  def mm(a, b):  # float32 accumulation and result
+    return jnp.matmul(a, b, preferred_element_type=F32)
+
+  def matmuls(x, w, y, g):
+    return mm(x, w), mm(g, w.T), mm(x.T, g)
+
+  def with_transposes(args):  # (x, w, y, g) -> (..., w.T, x.T) materialised
+    x, w, *rest = args
+    return (x, w, *rest, jnp.asarray(w.T).copy(), jnp.asarray(x.T).copy())
+
+  def matmuls_plain(x, w, y, g, wt, xt):
+    return mm(x, w), mm(g, wt), mm(xt, g)
+
+  return [Impl("matmuls", matmuls, loss=False),
           Impl("matmuls_plain", matmuls_plain, loss=False,
                place=with_transposes)]
 
@@ -344,12 +357,6 @@ def _objectives_impls() -> list[Impl]:
     return jnp.sum(adv * optax.softmax_cross_entropy_with_integer_labels(
         z, y))
 
-  def mm(a, b):
-    return jnp.matmul(a, b, preferred_element_type=F32)
-
-  def matmuls(x, w, y, g):
-    return mm(x, w), mm(g, w.T), mm(x.T, g)
-
   def grad(f):
     return jax.value_and_grad(f, argnums=(0, 1))
 
@@ -358,7 +365,7 @@ def _objectives_impls() -> list[Impl]:
           Impl("weighted_fused", grad(weighted_fused)),
           Impl("weighted_four_matmuls", grad(weighted_four)),
           Impl("weighted_plain", grad(weighted_plain)),
-          Impl("matmuls", matmuls, loss=False)]
+          *_floor_impls()]
 
 
 IMPLS = {"logits": _logits_impls, "fused": _fused_impls,

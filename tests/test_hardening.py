@@ -588,3 +588,32 @@ def test_eager_calls_reuse_the_compiled_kernel():
   for _ in range(3):
     js.linear_cross_entropy(x * 2.0, w, y)
   assert _fused._fused_jit._cache_size() == before
+
+
+# --------------------------------------------------------------------------
+# logits made inside a model
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16))
+@pytest.mark.parametrize("batch", ((8, 64), (4, 8, 16)))
+def test_model_logits_cost_no_more_than_optax(batch, dtype):
+  # h @ emb.T with h of shape (*batch, d): the weight gradient's dot reads
+  # dz transposed; dz must be made once (no third (b, V) buffer).
+  d, v = 32, 4096
+  args = (jax.ShapeDtypeStruct((*batch, d), dtype),
+          jax.ShapeDtypeStruct((v, d), dtype),
+          jax.ShapeDtypeStruct(batch, jnp.int32))
+
+  def temp(loss):
+    f = jax.value_and_grad(
+        lambda h, emb, y: loss(jnp.matmul(
+            h, emb.T, preferred_element_type=jnp.float32), y), (0, 1))
+    return jax.jit(f).lower(*args).compile().memory_analysis(
+    ).temp_size_in_bytes
+
+  ours = temp(js.cross_entropy)
+  theirs = temp(lambda z, y: jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(z, y)))
+  rows = math.prod(batch)
+  assert ours <= theirs + rows * 64, (ours, theirs)
+  assert ours < 2.5 * rows * v * 4, ours

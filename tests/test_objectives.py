@@ -358,6 +358,33 @@ def test_ignore_index_none_counts_every_row():
                finite_scale(got))
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_uncounted_rows_with_bad_features_leave_every_gradient(bad,
+                                                                reduction):
+  # A masked and an ignored row hold inf/NaN features: their logits are
+  # NaN, yet they are not counted, so no gradient may see them.
+  x, emb, bias, y, adv, noise = _data()
+  x = x.at[MASKED_ROW].set(bad).at[IGNORED].set(-bad)
+  old = noise
+  clean = x.at[MASKED_ROW].set(0.0).at[IGNORED].set(0.0)
+
+  def loss(x, emb, bias, old, adv):
+    out = js.linear_log_prob_objective(x, emb, y, ppo, (old, adv), bias=bias,
+                                       where=jnp.asarray(WHERE),
+                                       w_layout="vd", reduction=reduction,
+                                       chunk_size=4)
+    return jnp.sum(out * COT[:out.size].reshape(out.shape))
+
+  grad = jax.value_and_grad(loss, (0, 1, 2, 3, 4))
+  val, g = grad(x, emb, bias, old, adv)
+  want_val, want = grad(clean, emb, bias, old, adv)
+  np.testing.assert_array_equal(val, want_val)
+  for a, b in zip(g, want, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert np.all(np.isfinite(g[1])) and np.all(np.isfinite(g[0][:3]))
+
+
 @pytest.mark.parametrize("api", ["logits", "linear"])
 def test_bfloat16_inputs(api):
   x, emb, bias, y, fn_args, _ = _case_args(trailing, 1.0)

@@ -13,21 +13,24 @@ pytestmark = pytest.mark.slow
 HERE = pathlib.Path(__file__).parent
 
 
-def test_mesh_suite_on_8_simulated_devices():
-  # Two halves in parallel (compilation is mostly single-threaded, and
-  # this process only waits): the two large matrices, and the rest.
+BIG = "test_vocab_parallel_1d or test_2d_mesh_batch_axis_name"
+
+
+@pytest.mark.parametrize("select", [BIG, f"not ({BIG})"],
+                         ids=["large_matrices", "rest"])
+def test_mesh_suite_on_8_simulated_devices(select):
+  # Two halves, so that pytest-xdist workers run them side by side
+  # (compilation is mostly single-threaded).
   env = dict(os.environ,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  big = "test_vocab_parallel_1d or test_2d_mesh_batch_axis_name"
-  procs = [subprocess.Popen(
+  proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       str(HERE / "multidevice"), "-k", k], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for k in (big, f"not ({big})")]
-  logs = [p.communicate(timeout=900)[0] for p in procs]
-  for proc, log in zip(procs, logs, strict=True):
-    assert proc.returncode == 0, log[-5000:]
-    assert " passed" in log and "skipped" not in log
+       "-n", "0", str(HERE / "multidevice"), "-k", select], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      timeout=900)
+  log = proc.stdout
+  assert proc.returncode == 0, log[-5000:]
+  assert " passed" in log and "skipped" not in log
 
 
 def test_two_processes_equal_one_process(tmp_path):

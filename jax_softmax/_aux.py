@@ -92,31 +92,33 @@ def _entropy_grad(p, log_p, entropy, g_ent):
   return -g_ent[:, None] * p * (log_p + entropy[:, None])
 
 
-def _stats_probs(z, st: RowStats, hp: Hyper):
-  """``(zc, valid, p, log p)`` of a block from its row stats, ``p`` from
-  the kept ``exp(zc - m)`` when there is one (no second exp)."""
+def _stats_exp(z, st: RowStats, hp: Hyper):
+  """``(zc, valid, zc - m, exp(zc - m))`` of a block from its row stats
+  (``zc - m`` 0 off the support), the kept ``exp`` when there is one."""
   zc = jnp.where(st.counted[:, None], support_logits(z, None, hp), 0.0)
   valid = zc != NEG_INF
   shifted = jnp.where(valid, zc - st.shift[:, None], 0.0)
   e = jnp.exp(shifted) if st.exp is None else st.exp
-  p = jnp.where(valid, e * jnp.exp(-st.log_sum)[:, None], 0.0)
-  return zc, valid, p, shifted - st.log_sum[:, None]
+  return zc, valid, shifted, e
 
 
 def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
-  """The softmax entropy of each row of a block from its row stats: one
-  pass over ``p``, ``H = log s - sum_c p_c (zc_c - m)``, both terms
-  non-negative (no cancellation). 0 on uncounted rows; NaN rows NaN."""
-  _, valid, p, log_p = _stats_probs(z, st, hp)
-  shifted = log_p + st.log_sum[:, None]
-  h = st.log_sum - classes.sum(jnp.where(valid, p * shifted, 0.0))
+  """The softmax entropy of each row of a block from its row stats,
+  ``H = log s - sum_c e_c (zc_c - m) / s`` with ``e = exp(zc - m)`` and
+  ``s = sum_c e_c``: both terms non-negative (no cancellation), and the
+  sum needs no ``log s``, so XLA can fuse it with the one of ``s``. 0 on
+  uncounted rows; NaN rows NaN."""
+  _, valid, shifted, e = _stats_exp(z, st, hp)
+  mean_shift = classes.sum(jnp.where(valid, e * shifted, 0.0))
+  h = st.log_sum - mean_shift * jnp.exp(-st.log_sum)
   return jnp.where(st.counted, h, 0.0)
 
 
 def grad_stats_entropy(z, st: RowStats, entropy, g_ent, hp: Hyper):
   """``d sum(g_ent * H) / d z`` for :func:`stats_entropy`'s ``H``: 0 on
   uncounted rows and off the support."""
-  zc, valid, p, log_p = _stats_probs(z, st, hp)
+  zc, valid, shifted, e = _stats_exp(z, st, hp)
+  p = jnp.where(valid, e * jnp.exp(-st.log_sum)[:, None], 0.0)
+  log_p = shifted - st.log_sum[:, None]
   g = to_logits(_entropy_grad(p, log_p, entropy, g_ent), zc, hp)
   return jnp.where(valid & st.counted[:, None], g, 0.0)
-

@@ -124,6 +124,9 @@ class _Grads(NamedTuple):
   hyper: Hyper | None = None
   scale: jax.Array | None = None
   rows: _reduce.PerRow | None = None   # d weights, d fn_args (per row)
+  # A chunk's dz in the operands' dtype and its row mask (or None), for
+  # the dw product of its group of chunks (see _scan).
+  dz: tuple[jax.Array, jax.Array | None] | None = None
 
 
 def _vocab(cfg: Config, w) -> int:
@@ -138,9 +141,10 @@ def _classes(cfg: Config, w) -> Classes:
 def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
                  aux, cot, aux_cot, need: _Need) -> _Grads:
   """One chunk's gradients: ``dz`` from the loss's per-row cotangents
-  ``cot`` (or None) and the aux's ``(g_lse, g_entropy)``, then its matmuls.
-  ``chunk`` is ``(x_c, xt_c, ws, y_c)``."""
-  x_c, xt_c, ws, y_c = chunk
+  ``cot`` (or None) and the aux's ``(g_lse, g_entropy)``, then ``dx``;
+  ``dz`` itself is returned (rounded) for ``dw``. ``chunk`` is
+  ``(ws, y_c)``."""
+  ws, y_c = chunk
   g_lse, g_ent = aux_cot
   dz = jnp.zeros(z.shape, z.dtype)
   if cot is not None:
@@ -153,15 +157,16 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
     dz = dz + grad_aux(z, None, hp, aux, g_lse, g_ent, classes=classes)
   # Aux terms reach every row; the loss and an objective only counted ones.
   keep = st.counted if objective or (g_lse is None and g_ent is None) else None
-  dx, dw = _matmuls.grad_matmuls(x_c, xt_c, ws, dz, keep, need_dx=need.dx,
-                                  need_dw=need.dw,
-                                  vocab_major=cfg.vocab_major)
+  # Rounded once, before both of its products (as on GPU and TPU).
+  dz_w = dz.astype(ws.dtype)
+  dx = _matmuls.grad_dx(dz_w, ws) if need.dx else None
   dh = None
   if need.hyper and cot is not None:
     dh = grad_hyper(z, y_c, None, hp, st, cot, int_labels=True,
                     classes=classes)
     dh = dh._replace(temperature=temperature_grad(dz, z, hp, classes))
-  return _Grads(dx, dw, jnp.sum(dz, axis=0) if need.dbias else None, dh)
+  return _Grads(dx, None, jnp.sum(dz, axis=0) if need.dbias else None, dh,
+                dz=(dz_w, keep) if need.dw else None)
 
 
 def _chunks(a, chunk):
@@ -179,17 +184,28 @@ def _add(acc, upd):
   return acc if upd is None else acc + upd
 
 
+def _group(chunks: int, chunk: int, d: int, itemsize: int) -> int:
+  """Chunks per ``dw`` product: all of them when the whole batch's rounded
+  ``dz`` takes no more room than the float32 ``(d, V)`` accumulator it
+  replaces (``dw`` is then one product, added into nothing: less memory,
+  and no read and write of the accumulator per chunk, a gigabyte each at
+  d = 1024, V = 128000); else one (a product per chunk)."""
+  return max(chunks, 1) if chunks * chunk * itemsize <= 4 * d else 1
+
+
 def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
           forms_dz: bool, forms_hyper: bool, hp: Hyper):
   """The single loop of this module: ``step(carry, chunk)`` over the row
   chunks of ``x`` and the per-row pytree ``per_row``, the carry being the
   ``dw``/``dbias``/hyperparameter accumulators (zeros where formed).
-  ``step`` gets ``((x_c, per_row_c), xt_c)``, ``xt_c`` the chunk's ``x^T``
-  when the policy wants a plain product for ``dw`` (``plain_dw``; then
-  ``dw`` accumulates as ``(d, V)`` and a ``(V, d)`` ``w``'s is transposed
-  once at the end). Returns the summed
-  accumulators (hyperparameter gradients also summed over the devices
-  holding other rows) and the flattened per-chunk outputs."""
+  ``step`` gets ``(x_c, per_row_c)`` and returns ``(carry, (outputs,
+  dz))``, ``dz`` its :attr:`_Grads.dz`. The chunks run in groups (an
+  inner loop, see :func:`_group`); ``dw`` adds one product per group,
+  ``x_g^T dz_g``: a plain one with a ``(d, rows)`` copy of ``x`` when the
+  policy wants it (``plain_dw``; then ``dw`` accumulates as ``(d, V)``
+  and a ``(V, d)`` ``w``'s is transposed once at the end). Returns the
+  summed accumulators (hyperparameter gradients also summed over the
+  devices holding other rows) and the flattened per-chunk outputs."""
   dtype = compute_dtype(x.dtype)
   # Mesh axes the rows vary over (the vocabulary axis is summed inside
   # grad_hyper).
@@ -198,25 +214,41 @@ def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
   def zeros(shape, dt, axes=cfg.varying):
     return _sharded.varying_zeros(shape, dt, axes)
 
-  plain_dw = forms_dz and need.dw and cfg.policy.plain_dw
+  forms_dw = forms_dz and need.dw
+  plain_dw = forms_dw and cfg.policy.plain_dw
   given = ws.vd if cfg.vocab_major else ws.dv
   assert given is not None
   d, vocab = given.shape[::-1] if cfg.vocab_major else given.shape
   dw_shape = (d, vocab) if plain_dw or not cfg.vocab_major else (vocab, d)
   init = _Grads(
-      dw=zeros(dw_shape, dtype) if forms_dz and need.dw else None,
+      dw=zeros(dw_shape, dtype) if forms_dw else None,
       dbias=zeros(vocab, dtype) if forms_dz and need.dbias else None,
       hyper=jax.tree.map(lambda a: zeros(a.shape, a.dtype, row_axes), hp)
       if forms_hyper and need.hyper else None)
   xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), (x, per_row))
-  # One (d, b) copy of x per sweep, for plain dw products.
-  xt = (jnp.swapaxes(xs[0], 1, 2).astype(given.dtype) if plain_dw
-        else None)
-  acc, ys = lax.scan(step, init, (xs, xt))
+  n = xs[0].shape[0]
+  g = _group(n, cfg.chunk, d, given.dtype.itemsize) if forms_dw else 1
+  groups = jax.tree.map(lambda a: a.reshape((n // g, g) + a.shape[1:]), xs)
+  rows = None
+  if forms_dw:   # one copy of x per sweep: (groups, g * chunk, d)
+    rows = groups[0].reshape((n // g, g * cfg.chunk, d)).astype(given.dtype)
+    if plain_dw:
+      rows = jnp.swapaxes(rows, 1, 2)
+
+  def body(acc, inp):
+    chunks, rows_g = inp
+    acc, (ys, dz) = lax.scan(step, acc, chunks)
+    if rows_g is not None:
+      dz_g, keep = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), dz)
+      acc = acc._replace(dw=acc.dw + _matmuls.grad_dw(
+          rows_g, dz_g, keep, plain=plain_dw, vocab_major=cfg.vocab_major))
+    return acc, ys
+
+  acc, ys = lax.scan(body, init, (groups, rows))
   if plain_dw and cfg.vocab_major:
     acc = acc._replace(dw=jnp.swapaxes(cast(jax.Array, acc.dw), 0, 1))
   acc = acc._replace(hyper=_sharded.sum_over(acc.hyper, row_axes))
-  return acc, jax.tree.map(_flat, ys)
+  return acc, jax.tree.map(lambda a: _flat(a.reshape((n,) + a.shape[2:])), ys)
 
 
 def _accumulate(acc: _Grads, g: _Grads) -> _Grads:
@@ -253,12 +285,12 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
   row_cot = None if cot is None else (cot.xent, cot.z_loss, cot.scale)
 
   def step(acc, inp):
-    (x_c, (y_c, r_c, cot_c, rows_c)), xt_c = inp
+    x_c, (y_c, r_c, cot_c, rows_c) = inp
     x_c = x_c.astype(ws.dtype)
     z = _matmuls.logits(x_c, ws, bias)
     # exp(z - m) is kept for this step's dz only (never a scan output).
     st, aux = _stats(cfg, classes, z, y_c, r_c, hp, keep_exp=cot is not None)
-    f = dx = d_args = None
+    f = dx = d_args = dz = None
     if cfg.objective is not None:
       f = _reduce.objective_rows(cfg.objective, st, aux,
                                  rows_c.fn_args)
@@ -268,10 +300,10 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
       if cfg.objective is not None:   # d fn / d (log p, entropy, args)
         c, g_ent, d_args = _reduce.objective_cotangents(
             cfg.objective, st, aux, rows_c.fn_args, cot_c[2])
-      g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st, aux, c,
+      g = _chunk_grads(cfg, classes, z, (ws, y_c), hp, st, aux, c,
                        (None, g_ent), need)
-      acc, dx = _accumulate(acc, g), g.dx
-    return acc, (st._replace(exp=None), aux, f, dx, d_args)
+      acc, dx, dz = _accumulate(acc, g), g.dx, g.dz
+    return acc, ((st._replace(exp=None), aux, f, dx, d_args), dz)
 
   acc, (st, aux, f, dx, d_args) = _scan(
       cfg, step, x, ws, (y, row, row_cot, rows), need, cot is not None,
@@ -293,14 +325,14 @@ def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
   row_cot = None if cot is None else (cot.xent, cot.z_loss, cot.scale)
 
   def step(acc, inp):
-    (x_c, (y_c, st_c, aux_c, cot_c, g_lse, g_ent)), xt_c = inp
+    x_c, (y_c, st_c, aux_c, cot_c, g_lse, g_ent) = inp
     x_c = x_c.astype(ws.dtype)
     z = _matmuls.logits(x_c, ws, bias)
     c = None if cot_c is None else RowCotangents(cot_c[0], cot_c[1],
                                                  cot.mean_xent, cot_c[2])
-    g = _chunk_grads(cfg, classes, z, (x_c, xt_c, ws, y_c), hp, st_c, aux_c,
-                     c, (g_lse, g_ent), need)
-    return _accumulate(acc, g), g.dx
+    g = _chunk_grads(cfg, classes, z, (ws, y_c), hp, st_c, aux_c, c,
+                     (g_lse, g_ent), need)
+    return _accumulate(acc, g), (g.dx, g.dz)
 
   acc, dx = _scan(cfg, step, x, ws, (y, st, aux, row_cot, *aux_cot), need,
                   True, cot is not None, hp)

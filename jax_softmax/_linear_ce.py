@@ -58,7 +58,10 @@ def linear_cross_entropy(
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
   float32 ``dw`` accumulator ``(d, V)`` and ``dx`` ``(b, d)`` (and, on
   XLA's CPU backend when a ``(d, V)`` ``w`` is differentiated, a
-  transposed copy of ``x`` for ``dw``'s matmul); ``chunk_size=None`` picks
+  transposed copy of ``x`` for ``dw``'s matmul). When the whole batch's
+  ``dz`` in the input dtype takes no more room than that accumulator
+  (``b * itemsize <= 4 * d``), it is kept instead and ``dw`` is one
+  product over the batch (no accumulator). ``chunk_size=None`` picks
   ``chunk`` from ``CHUNK_BUDGET_BYTES`` (128 MiB). Any ``b`` works: a
   batch that no chunk divides is padded (a copy of ``x``, never of ``w``),
   a ``chunk_size`` above the batch is clamped to it, and an empty batch

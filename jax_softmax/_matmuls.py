@@ -48,31 +48,26 @@ def logits(x_c, ws: Weights, bias):
   return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
-def grad_matmuls(x_c, xt_c, ws: Weights, dz, keep, *, need_dx: bool,
-                 need_dw: bool, vocab_major: bool):
-  """``dx_c = dz w^T`` and ``dw_c = x_c^T dz`` (``dz^T x_c`` when ``w`` is
-  ``(V, d)`` and ``xt_c`` is None), accumulated and returned in float32;
-  ``dz`` is rounded to the operands' dtype once, before both.
+def grad_dx(dz, ws: Weights):
+  """``dx_c = dz w^T`` in float32, ``dz`` in the operands' dtype."""
+  return _dot(dz, ws.vd, 1, 0) if ws.vd is not None else _dot(dz, ws.dv, 1, 1)
 
-  ``xt_c``, when given, is ``x_c^T`` as a ``(d, c)`` array: ``dw_c`` is
-  then the plain ``(d, c) @ (c, V)`` product, ``(d, V)`` in both layouts
-  (see :class:`MatmulPolicy`). Rows where ``keep`` is False (uncounted
-  rows when only the loss is differentiated) may hold anything (NaN
-  padding): they are zeroed for ``dw`` so that ``0 * NaN`` cannot reach
-  it.
+
+def grad_dw(rows, dz, keep, *, plain: bool, vocab_major: bool):
+  """``dw`` of a block of rows in float32: ``x^T dz`` (``dz^T x`` when
+  ``w`` is ``(V, d)`` and not ``plain``), ``dz`` in the operands' dtype.
+
+  ``rows`` is the block's ``x^T`` as a ``(d, r)`` array when ``plain``:
+  ``dw`` is then the plain ``(d, r) @ (r, V)`` product, ``(d, V)`` in both
+  layouts (see :class:`MatmulPolicy`); else ``x`` itself, ``(r, d)``. Rows
+  where ``keep`` is False (uncounted rows when only the loss is
+  differentiated) may hold anything (NaN padding): they are zeroed so
+  that ``0 * NaN`` cannot reach ``dw``.
   """
-  dz = dz.astype(x_c.dtype)
-  dx = dw = None
-  if need_dx:
-    dx = _dot(dz, ws.vd, 1, 0) if ws.vd is not None else _dot(dz, ws.dv, 1,
-                                                              1)
-  if need_dw:
-    if xt_c is not None:
-      if keep is not None:
-        xt_c = jnp.where(keep[None, :], xt_c, 0)
-      dw = _dot(xt_c, dz, 1, 0)
-    else:
-      if keep is not None:
-        x_c = jnp.where(keep[:, None], x_c, 0)
-      dw = _dot(dz, x_c, 0, 0) if vocab_major else _dot(x_c, dz, 0, 0)
-  return dx, dw
+  if plain:
+    if keep is not None:
+      rows = jnp.where(keep[None, :], rows, 0)
+    return _dot(rows, dz, 1, 0)
+  if keep is not None:
+    rows = jnp.where(keep[:, None], rows, 0)
+  return _dot(dz, rows, 0, 0) if vocab_major else _dot(rows, dz, 0, 0)

@@ -449,3 +449,38 @@ def test_errors():
     js.linear_cross_entropy(x, w, y, reduction="none", grad_in_forward=True)
   with pytest.raises(ValueError, match="'model' is not bound"):
     js.linear_cross_entropy(x, w, y, axis_name="model")
+
+
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+@pytest.mark.parametrize(("reduction", "grad_in_forward"),
+                         [("mean", None), ("sum", False), ("none", None)])
+def test_whole_batch_dw_product_matches_reference(w_layout, reduction,
+                                                  grad_in_forward):
+  # b * 4 bytes <= 4 * d: the whole batch's dz fits in the accumulator's
+  # room, so dw is one product over the batch (chunks of 2 rows), with
+  # a masked, an ignored and a NaN-featured masked row.
+  from jax_softmax import _fused
+
+  b = 8
+  assert _fused._group(b // 2, 2, D, 4) == b // 2
+  assert _fused._group(b // 2 + 1, 2, D, 4) == 1
+  x, w, bias, y = _data(b=b)
+  x = x.at[5].set(jnp.nan)
+  y = y.at[3].set(-100)
+  where = jnp.arange(b) != 5
+  opts = {"where": where, "label_smoothing": 0.1, "z_loss": 1e-3}
+  cot = jnp.linspace(-1.0, 2.0, b)
+  wl = w if w_layout == "dv" else jnp.asarray(w.T)
+
+  def fused(x, w, bias):
+    v = js.linear_cross_entropy(x, w, y, bias=bias, chunk_size=2,
+                                reduction=reduction, w_layout=w_layout,
+                                grad_in_forward=grad_in_forward, **opts)
+    return jnp.sum(v * cot) if reduction == "none" else v
+
+  got = jax.value_and_grad(fused, (0, 1, 2))(x, wl, bias)
+  want = _reference(x.at[5].set(0.0), wl, bias, y, reduction, cot, opts,
+                    w_layout=w_layout)
+  # The masked row's NaN features reach nothing: its dx is 0.
+  chex.assert_tree_all_finite(got)
+  _assert_matches_reference(got, want, jnp.float32)

@@ -228,7 +228,15 @@ def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
   xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), (x, per_row))
   n = xs[0].shape[0]
   g = _group(n, cfg.chunk, d, given.dtype.itemsize) if forms_dw else 1
-  groups = jax.tree.map(lambda a: a.reshape((n // g, g) + a.shape[1:]), xs)
+  # g > 1: an inner loop over each group's chunks; g = 1: none (a loop of
+  # one trip would change XLA's fusion of the step).
+  groups, inner = xs, step
+  if g > 1:
+    groups = jax.tree.map(lambda a: a.reshape((n // g, g) + a.shape[1:]), xs)
+    inner = functools.partial(lax.scan, step)
+
+  def merge(a):  # a group's stacked chunks as rows
+    return a.reshape((-1,) + a.shape[2:]) if g > 1 else a
   rows = None
   if forms_dw:   # one copy of x per sweep: (groups, g * chunk, d)
     rows = groups[0].reshape((n // g, g * cfg.chunk, d)).astype(given.dtype)
@@ -237,9 +245,9 @@ def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
 
   def body(acc, inp):
     chunks, rows_g = inp
-    acc, (ys, dz) = lax.scan(step, acc, chunks)
+    acc, (ys, dz) = inner(acc, chunks)
     if rows_g is not None:
-      dz_g, keep = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), dz)
+      dz_g, keep = jax.tree.map(merge, dz)
       acc = acc._replace(dw=acc.dw + _matmuls.grad_dw(
           rows_g, dz_g, keep, plain=plain_dw, vocab_major=cfg.vocab_major))
     return acc, ys
@@ -248,7 +256,7 @@ def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
   if plain_dw and cfg.vocab_major:
     acc = acc._replace(dw=jnp.swapaxes(cast(jax.Array, acc.dw), 0, 1))
   acc = acc._replace(hyper=_sharded.sum_over(acc.hyper, row_axes))
-  return acc, jax.tree.map(lambda a: _flat(a.reshape((n,) + a.shape[2:])), ys)
+  return acc, jax.tree.map(lambda a: _flat(merge(a)), ys)
 
 
 def _accumulate(acc: _Grads, g: _Grads) -> _Grads:

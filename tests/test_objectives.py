@@ -758,3 +758,24 @@ def test_errors():
     with pytest.raises(ValueError, match="temperature"):
       js.linear_log_prob_objective(x, emb, y, entropy_only, temperature=t,
                                    w_layout="vd")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_objective_costs_one_block_more_than_the_loss(dtype):
+  # The objective keeps exp(z - m) of its chunk for the entropy and its
+  # gradient: at most one more (chunk, V) float32 block than the plain
+  # fused loss, however its loop is laid out.
+  b, d, v, chunk = 1024, 32, 8192, 128
+  args = [jax.ShapeDtypeStruct(s, t) for s, t in (
+      ((b, d), dtype), ((d, v), dtype), ((b,), jnp.int32),
+      ((b,), jnp.float32))]
+
+  def temp(f):
+    return compile_jit(jax.value_and_grad(f, (0, 1)), *args
+                       ).memory_analysis().temp_size_in_bytes
+
+  ppo_temp = temp(lambda x, w, y, a: js.linear_log_prob_objective(
+      x, w, y, ppo, (a, a), chunk_size=chunk))
+  loss_temp = temp(lambda x, w, y, a: js.linear_cross_entropy(
+      x, w, y, chunk_size=chunk))
+  assert ppo_temp <= loss_temp + 4 * chunk * v + 64 * b, (ppo_temp, loss_temp)

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jax_softmax import _matmuls, _reduce, _sharded
 from jax_softmax._aux import (
@@ -43,6 +41,15 @@ from jax_softmax._aux import (
   grad_stats_entropy,
   row_aux,
   stats_entropy,
+)
+from jax_softmax._chunks import (
+  Config,
+  Grads,
+  Need,
+  accumulate,
+  add_grad,
+  chunk_scan,
+  default_chunk_size,
 )
 from jax_softmax._kernel import (
   Classes,
@@ -55,78 +62,7 @@ from jax_softmax._kernel import (
   row_stats,
   temperature_grad,
 )
-from jax_softmax._numerics import MatmulPolicy, compute_dtype
-
-#: Bytes of chunk temporaries aimed at when ``chunk_size`` is None: a chunk
-#: holds about three float32 ``(c, V)`` arrays (logits, exp, gradient).
-CHUNK_BUDGET_BYTES = 128 * 2**20
-
-#: Fewest rows per chunk when ``chunk_size`` is None: each chunk adds its
-#: ``x_c^T g`` into the float32 ``dw`` (a read and a write of ``d * V``
-#: floats), which dominates for small chunks (the benchmark's
-#: ``--section fused`` measures it).
-MIN_CHUNK_ROWS = 256
-
-
-def default_chunk_size(num_rows: int, vocab: int) -> int:
-  """Rows per chunk so that ``3 * 4 * c * V <= CHUNK_BUDGET_BYTES``.
-
-  At least :data:`MIN_CHUNK_ROWS` (the budget yields to it for very large
-  vocabularies), a multiple of 8, at most ``num_rows``; if a divisor of
-  ``num_rows`` lies within a factor 2 below that, it is taken instead so no
-  padding is needed, a multiple of 8 first (so that a batch split over 2,
-  4 or 8 devices stays split inside every chunk).
-  """
-  c = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (12 * max(vocab, 1)))
-  c -= c % 8
-  if c >= num_rows:
-    return max(num_rows, 1)
-  for step in (8, 1):
-    for cand in range(c, c // 2, -step):
-      if num_rows % cand == 0:
-        return cand
-  return c
-
-
-class Config(NamedTuple):
-  """The static configuration of one fused-loss call."""
-
-  reduction: str
-  chunk: int
-  grad_in_forward: bool | None
-  policy: MatmulPolicy
-  return_aux: bool = False
-  vocab_axis: str | None = None     # mesh axis splitting the vocabulary
-  batch_axes: _sharded.BatchAxes = None   # mesh axes splitting the batch
-  varying: tuple[str, ...] = ()     # shard_map axes the inputs vary over
-  vocab_major: bool = False         # w given as (V, d)
-  untyped_mesh: bool = False        # in shard_map with check_vma=False
-  objective: Callable | None = None  # fn(log_p, entropy, *fn_args) per row
-
-
-class _Need(NamedTuple):
-  """Which gradients a sweep forms (the inputs that are perturbed)."""
-
-  dx: bool = False
-  dw: bool = False
-  dbias: bool = False
-  hyper: bool = False
-  rows: bool = False     # per-row weights or objective arguments
-
-
-class _Grads(NamedTuple):
-  """Gradients of a sweep, float32, None where not formed; ``scale``
-  multiplies ``dx``, ``dw`` and ``dbias`` (see ``_reduce.recount``)."""
-
-  dx: jax.Array | None = None
-  dw: jax.Array | None = None
-  dbias: jax.Array | None = None
-  hyper: Hyper | None = None
-  scale: jax.Array | None = None
-  rows: _reduce.PerRow | None = None   # d weights, d fn_args (per row)
-  # A chunk's dz in the operands' dtype and its row mask (or None), for
-  # the dw product of its group of chunks (see _scan).
-  dz: tuple[jax.Array, jax.Array | None] | None = None
+from jax_softmax._numerics import compute_dtype
 
 
 def _vocab(cfg: Config, w) -> int:
@@ -139,7 +75,7 @@ def _classes(cfg: Config, w) -> Classes:
 
 
 def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
-                 aux, cot, aux_cot, need: _Need) -> _Grads:
+                 aux, cot, aux_cot, need: Need) -> Grads:
   """One chunk's gradients: ``dz`` from the loss's per-row cotangents
   ``cot`` (or None) and the aux's ``(g_lse, g_entropy)``, then ``dx``;
   ``dz`` itself is returned (rounded) for ``dw``. ``chunk`` is
@@ -165,104 +101,8 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
     dh = grad_hyper(z, y_c, None, hp, st, cot, int_labels=True,
                     classes=classes)
     dh = dh._replace(temperature=temperature_grad(dz, z, hp, classes))
-  return _Grads(dx, None, jnp.sum(dz, axis=0) if need.dbias else None, dh,
+  return Grads(dx, None, jnp.sum(dz, axis=0) if need.dbias else None, dh,
                 dz=(dz_w, keep) if need.dw else None)
-
-
-def _chunks(a, chunk):
-  """``(n, ...) -> (n / chunk, chunk, ...)``, chunk ``j`` holding rows
-  ``j, j + n / chunk, ...`` (strided): a batch split in blocks over
-  devices then stays split inside every chunk (no all-gather)."""
-  return jnp.swapaxes(a.reshape((chunk, -1) + a.shape[1:]), 0, 1)
-
-
-def _flat(a):
-  return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
-
-
-def _add(acc, upd):
-  return acc if upd is None else acc + upd
-
-
-def _group(chunks: int, chunk: int, d: int, itemsize: int) -> int:
-  """Chunks per ``dw`` product: all of them when the whole batch's rounded
-  ``dz`` takes no more room than the float32 ``(d, V)`` accumulator it
-  replaces (``dw`` is then one product, added into nothing: less memory,
-  and no read and write of the accumulator per chunk, a gigabyte each at
-  d = 1024, V = 128000); else one (a product per chunk)."""
-  return max(chunks, 1) if chunks * chunk * itemsize <= 4 * d else 1
-
-
-def _scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: _Need,
-          forms_dz: bool, forms_hyper: bool, hp: Hyper):
-  """The single loop of this module: ``step(carry, chunk)`` over the row
-  chunks of ``x`` and the per-row pytree ``per_row``, the carry being the
-  ``dw``/``dbias``/hyperparameter accumulators (zeros where formed).
-  ``step`` gets ``(x_c, per_row_c)`` and returns ``(carry, (outputs,
-  dz))``, ``dz`` its :attr:`_Grads.dz`. The chunks run in groups (an
-  inner loop, see :func:`_group`); ``dw`` adds one product per group,
-  ``x_g^T dz_g``: a plain one with a ``(d, rows)`` copy of ``x`` when the
-  policy wants it (``plain_dw``; then ``dw`` accumulates as ``(d, V)``
-  and a ``(V, d)`` ``w``'s is transposed once at the end). Returns the
-  summed accumulators (hyperparameter gradients also summed over the
-  devices holding other rows) and the flattened per-chunk outputs."""
-  dtype = compute_dtype(x.dtype)
-  # Mesh axes the rows vary over (the vocabulary axis is summed inside
-  # grad_hyper).
-  row_axes = tuple(a for a in cfg.varying if a != cfg.vocab_axis)
-
-  def zeros(shape, dt, axes=cfg.varying):
-    return _sharded.varying_zeros(shape, dt, axes)
-
-  forms_dw = forms_dz and need.dw
-  plain_dw = forms_dw and cfg.policy.plain_dw
-  given = ws.vd if cfg.vocab_major else ws.dv
-  assert given is not None
-  d, vocab = given.shape[::-1] if cfg.vocab_major else given.shape
-  dw_shape = (d, vocab) if plain_dw or not cfg.vocab_major else (vocab, d)
-  init = _Grads(
-      dw=zeros(dw_shape, dtype) if forms_dw else None,
-      dbias=zeros(vocab, dtype) if forms_dz and need.dbias else None,
-      hyper=jax.tree.map(lambda a: zeros(a.shape, a.dtype, row_axes), hp)
-      if forms_hyper and need.hyper else None)
-  xs = jax.tree.map(lambda a: _chunks(a, cfg.chunk), (x, per_row))
-  n = xs[0].shape[0]
-  g = _group(n, cfg.chunk, d, given.dtype.itemsize) if forms_dw else 1
-  # g > 1: an inner loop over each group's chunks; g = 1: none (a loop of
-  # one trip would change XLA's fusion of the step).
-  groups, inner = xs, step
-  if g > 1:
-    groups = jax.tree.map(lambda a: a.reshape((n // g, g) + a.shape[1:]), xs)
-    inner = functools.partial(lax.scan, step)
-
-  def merge(a):  # a group's stacked chunks as rows
-    return a.reshape((-1,) + a.shape[2:]) if g > 1 else a
-  rows = None
-  if forms_dw:   # one copy of x per sweep: (groups, g * chunk, d)
-    rows = groups[0].reshape((n // g, g * cfg.chunk, d)).astype(given.dtype)
-    if plain_dw:
-      rows = jnp.swapaxes(rows, 1, 2)
-
-  def body(acc, inp):
-    chunks, rows_g = inp
-    acc, (ys, dz) = inner(acc, chunks)
-    if rows_g is not None:
-      dz_g, keep = jax.tree.map(merge, dz)
-      acc = acc._replace(dw=acc.dw + _matmuls.grad_dw(
-          rows_g, dz_g, keep, plain=plain_dw, vocab_major=cfg.vocab_major))
-    return acc, ys
-
-  acc, ys = lax.scan(body, init, (groups, rows))
-  if plain_dw and cfg.vocab_major:
-    acc = acc._replace(dw=jnp.swapaxes(cast(jax.Array, acc.dw), 0, 1))
-  acc = acc._replace(hyper=_sharded.sum_over(acc.hyper, row_axes))
-  return acc, jax.tree.map(lambda a: _flat(merge(a)), ys)
-
-
-def _accumulate(acc: _Grads, g: _Grads) -> _Grads:
-  return _Grads(None, _add(acc.dw, g.dw), _add(acc.dbias, g.dbias),
-                None if acc.hyper is None else jax.tree.map(
-                    _add, acc.hyper, g.hyper))
 
 
 def _stats(cfg: Config, classes, z, y_c, r_c, hp: Hyper, keep_exp: bool):
@@ -281,13 +121,13 @@ def _stats(cfg: Config, classes, z, y_c, r_c, hp: Hyper, keep_exp: bool):
 
 
 def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
-                   rows: _reduce.PerRow, need: _Need | None = None,
+                   rows: _reduce.PerRow, need: Need | None = None,
                    cot: RowCotangents | None = None):
   """Statistics (and aux, and the objective's per-row values) of every
   row; with the per-row cotangents ``cot`` of a unit output cotangent, also
   the gradients in ``need`` (those of the objective's arguments included).
   Returns ``(stats, aux, objective values, grads)``."""
-  need = need or _Need()
+  need = need or Need()
   classes = _classes(cfg, w)
   ws = _matmuls.operands(w, cfg.policy, cfg.vocab_major)
   row_cot = None if cot is None else (cot.xent, cot.z_loss, cot.scale)
@@ -310,10 +150,10 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
             cfg.objective, st, aux, rows_c.fn_args, cot_c[2])
       g = _chunk_grads(cfg, classes, z, (ws, y_c), hp, st, aux, c,
                        (None, g_ent), need)
-      acc, dx, dz = _accumulate(acc, g), g.dx, g.dz
+      acc, dx, dz = accumulate(acc, g), g.dx, g.dz
     return acc, ((st._replace(exp=None), aux, f, dx, d_args), dz)
 
-  acc, (st, aux, f, dx, d_args) = _scan(
+  acc, (st, aux, f, dx, d_args) = chunk_scan(
       cfg, step, x, ws, (y, row, row_cot, rows), need, cot is not None,
       False, hp)
   if cot is None:
@@ -323,7 +163,7 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
       d_weights, () if d_args is None else d_args))
 
 
-def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
+def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: Need,
                     st: RowStats, aux, cot: RowCotangents | None, aux_cot):
   """The gradients in ``need`` for per-row cotangents ``cot`` (or None)
   and aux cotangents ``(g_lse, g_entropy)``, recomputing each chunk's
@@ -340,9 +180,9 @@ def _backward_sweep(cfg: Config, x, w, bias, y, hp: Hyper, need: _Need,
                                                  cot.mean_xent, cot_c[2])
     g = _chunk_grads(cfg, classes, z, (ws, y_c), hp, st_c, aux_c, c,
                      (g_lse, g_ent), need)
-    return _accumulate(acc, g), (g.dx, g.dz)
+    return accumulate(acc, g), (g.dx, g.dz)
 
-  acc, dx = _scan(cfg, step, x, ws, (y, st, aux, row_cot, *aux_cot), need,
+  acc, dx = chunk_scan(cfg, step, x, ws, (y, st, aux, row_cot, *aux_cot), need,
                   True, cot is not None, hp)
   return acc._replace(dx=dx)
 
@@ -365,7 +205,7 @@ class _Residuals(NamedTuple):
   """What the backward pass keeps: the inputs (no copies) and row stats,
   and the loss's gradients when they were formed in the forward pass."""
 
-  grads: _Grads | None
+  grads: Grads | None
   features: jax.Array
   weights: jax.Array
   bias: jax.Array | None
@@ -373,7 +213,7 @@ class _Residuals(NamedTuple):
   hp: Hyper
   stats: RowStats
   aux: LossAux | jax.Array | None   # see _stats
-  need: _Need
+  need: Need
   rows: _reduce.PerRow
 
 
@@ -401,7 +241,7 @@ def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
   (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on), (
       rows, rows_on) = (_reduce.unwrap_primals(a) for a in (
           x, w, bias, y, row, hp, rows))
-  need = _Need(dx_on, dw_on, db_on, hp_on, rows_on)
+  need = Need(dx_on, dw_on, db_on, hp_on, rows_on)
   if cfg.untyped_mesh and any(need):
     raise ValueError(
         "gradients of linear_cross_entropy with axis_name/batch_axis_name "
@@ -443,7 +283,7 @@ def _fused_bwd(cfg: Config, res: _Residuals, g):
   cot, d_rows = None, _reduce.PerRow(None, ())
   if res.grads is None:
     cot, aux_cot, d_rows = _recompute_cotangents(cfg, res, g, aux_cot)
-  out = _Grads()
+  out = Grads()
   if cot is not None or aux_cot != (None, None):
     out = _backward_sweep(cfg, res.features, res.weights, res.bias,
                           res.labels, res.hp, res.need, res.stats, res.aux,
@@ -451,7 +291,7 @@ def _fused_bwd(cfg: Config, res: _Residuals, g):
   if res.grads is not None:  # the loss's share, formed in the forward pass
     g = g if res.grads.scale is None else g * res.grads.scale
     out = out._replace(**{
-        k: _add(g * a, getattr(out, k)) for k, a in zip(
+        k: add_grad(g * a, getattr(out, k)) for k, a in zip(
             ("dx", "dw", "dbias"), res.grads[:3], strict=True)
         if a is not None})
     d_rows = jax.tree.map(lambda a: g * a, res.grads.rows)

@@ -1,6 +1,7 @@
 """``linear_cross_entropy``: validation and dispatch of the fused loss.
 
-The chunk loop itself is :mod:`jax_softmax._fused`; the mesh handling
+The sweeps are :mod:`jax_softmax._fused` (their loop
+:mod:`jax_softmax._chunks`); the mesh handling
 :mod:`jax_softmax._sharded`.
 """
 
@@ -10,7 +11,8 @@ import jax
 
 from jax_softmax import _checks, _sharded
 from jax_softmax._aux import LossAux
-from jax_softmax._fused import Config, local_loss
+from jax_softmax._chunks import Config
+from jax_softmax._fused import local_loss
 from jax_softmax._kernel import make_hyper
 from jax_softmax._numerics import compute_dtype, matmul_policy
 from jax_softmax._reduce import PerRow

@@ -427,7 +427,7 @@ def test_vocab_split_over_a_vmap_axis_name():
 
 
 def test_default_chunk_size_budget():
-  from jax_softmax._fused import CHUNK_BUDGET_BYTES, default_chunk_size
+  from jax_softmax._chunks import CHUNK_BUDGET_BYTES, default_chunk_size
   c = default_chunk_size(8192, 32000)
   assert 8 <= c and 12 * c * 32000 <= CHUNK_BUDGET_BYTES
   assert default_chunk_size(4096, 262144) >= 256  # the floor on rows
@@ -459,11 +459,11 @@ def test_whole_batch_dw_product_matches_reference(w_layout, reduction,
   # b * 4 bytes <= 4 * d: the whole batch's dz fits in the accumulator's
   # room, so dw is one product over the batch (chunks of 2 rows), with
   # a masked, an ignored and a NaN-featured masked row.
-  from jax_softmax import _fused
+  from jax_softmax._chunks import group_size
 
   b = 8
-  assert _fused._group(b // 2, 2, D, 4) == b // 2
-  assert _fused._group(b // 2 + 1, 2, D, 4) == 1
+  assert group_size(b // 2, 2, D, 4) == b // 2
+  assert group_size(b // 2 + 1, 2, D, 4) == 1
   x, w, bias, y = _data(b=b)
   x = x.at[5].set(jnp.nan)
   y = y.at[3].set(-100)

@@ -113,9 +113,9 @@ def group_size(chunks: int, chunk: int, d: int, itemsize: int) -> int:
   return max(chunks, 1) if chunks * chunk * itemsize <= 4 * d else 1
 
 
-def chunk_scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: Need,
-          forms_dz: bool, forms_hyper: bool, hp: Hyper):
-  """The single loop of this module: ``step(carry, chunk)`` over the row
+def chunk_scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row,
+               need: Need, forms_dz: bool, forms_hyper: bool, hp: Hyper):
+  """The fused loss's single loop: ``step(carry, chunk)`` over the row
   chunks of ``x`` and the per-row pytree ``per_row``, the carry being the
   ``dw``/``dbias``/hyperparameter accumulators (zeros where formed).
   ``step`` gets ``(x_c, per_row_c)`` and returns ``(carry, (outputs,
@@ -157,6 +157,7 @@ def chunk_scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: Need,
 
   def merge(a):  # a group's stacked chunks as rows
     return a.reshape((-1,) + a.shape[2:]) if g > 1 else a
+
   rows = None
   if forms_dw:   # one copy of x per sweep: (groups, g * chunk, d)
     rows = groups[0].reshape((n // g, g * cfg.chunk, d)).astype(given.dtype)
@@ -181,5 +182,5 @@ def chunk_scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row, need: Need,
 
 def accumulate(acc: Grads, g: Grads) -> Grads:
   return Grads(None, add_grad(acc.dw, g.dw), add_grad(acc.dbias, g.dbias),
-                None if acc.hyper is None else jax.tree.map(
-                    add_grad, acc.hyper, g.hyper))
+               None if acc.hyper is None else jax.tree.map(
+                   add_grad, acc.hyper, g.hyper))

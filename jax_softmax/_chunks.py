@@ -158,22 +158,22 @@ def chunk_scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row,
   def merge(a):  # a group's stacked chunks as rows
     return a.reshape((-1,) + a.shape[2:]) if g > 1 else a
 
-  rows = None
-  if forms_dw:   # one copy of x per sweep: (groups, g * chunk, d)
-    rows = groups[0].reshape((n // g, g * cfg.chunk, d)).astype(given.dtype)
-    if plain_dw:
-      rows = jnp.swapaxes(rows, 1, 2)
+  xt = None
+  if plain_dw:   # one (d, rows) copy of x per sweep, per group
+    xt = jnp.swapaxes(groups[0].reshape((n // g, g * cfg.chunk, d)), 1,
+                      2).astype(given.dtype)
 
   def body(acc, inp):
-    chunks, rows_g = inp
+    chunks, xt_g = inp
     acc, (ys, dz) = inner(acc, chunks)
-    if rows_g is not None:
+    if forms_dw:
       dz_g, keep = jax.tree.map(merge, dz)
+      rows = xt_g if plain_dw else merge(chunks[0]).astype(given.dtype)
       acc = acc._replace(dw=acc.dw + _matmuls.grad_dw(
-          rows_g, dz_g, keep, plain=plain_dw, vocab_major=cfg.vocab_major))
+          rows, dz_g, keep, plain=plain_dw, vocab_major=cfg.vocab_major))
     return acc, ys
 
-  acc, ys = lax.scan(body, init, (groups, rows))
+  acc, ys = lax.scan(body, init, (groups, xt))
   if plain_dw and cfg.vocab_major:
     acc = acc._replace(dw=jnp.swapaxes(cast(jax.Array, acc.dw), 0, 1))
   acc = acc._replace(hyper=_sharded.sum_over(acc.hyper, row_axes))

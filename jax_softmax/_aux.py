@@ -11,6 +11,8 @@ from jax_softmax._kernel import (
   Classes,
   Hyper,
   RowStats,
+  probs,
+  stats_exp,
   support_logits,
   to_logits,
 )
@@ -92,24 +94,14 @@ def _entropy_grad(p, log_p, entropy, g_ent):
   return -g_ent[:, None] * p * (log_p + entropy[:, None])
 
 
-def _stats_exp(z, st: RowStats, hp: Hyper):
-  """``(zc, valid, zc - m, exp(zc - m))`` of a block from its row stats
-  (``zc - m`` 0 off the support), the kept ``exp`` when there is one."""
-  zc = jnp.where(st.counted[:, None], support_logits(z, None, hp), 0.0)
-  valid = zc != NEG_INF
-  shifted = jnp.where(valid, zc - st.shift[:, None], 0.0)
-  e = jnp.exp(shifted) if st.exp is None else st.exp
-  return zc, valid, shifted, e
-
-
 def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
   """The softmax entropy of each row of a block from its row stats,
   ``H = log s - sum_c e_c (zc_c - m) / s`` with ``e = exp(zc - m)`` and
   ``s = sum_c e_c``: both terms non-negative (no cancellation), and the
   sum needs no ``log s``, so XLA can fuse it with the one of ``s``. 0 on
   uncounted rows; NaN rows NaN."""
-  _, valid, shifted, e = _stats_exp(z, st, hp)
-  mean_shift = classes.sum(jnp.where(valid, e * shifted, 0.0))
+  zc, shifted, e = stats_exp(z, None, hp, st)
+  mean_shift = classes.sum(e * jnp.where(zc != NEG_INF, shifted, 0.0))
   h = st.log_sum - mean_shift * jnp.exp(-st.log_sum)
   return jnp.where(st.counted, h, 0.0)
 
@@ -117,8 +109,8 @@ def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
 def grad_stats_entropy(z, st: RowStats, entropy, g_ent, hp: Hyper):
   """``d sum(g_ent * H) / d z`` for :func:`stats_entropy`'s ``H``: 0 on
   uncounted rows and off the support."""
-  zc, valid, shifted, e = _stats_exp(z, st, hp)
-  p = jnp.where(valid, e * jnp.exp(-st.log_sum)[:, None], 0.0)
-  log_p = shifted - st.log_sum[:, None]
+  zc, p, nll = probs(z, None, hp, st)
+  valid = zc != NEG_INF
+  log_p = jnp.where(valid, -nll, 0.0)   # p = 0 there
   g = to_logits(_entropy_grad(p, log_p, entropy, g_ent), zc, hp)
   return jnp.where(valid & st.counted[:, None], g, 0.0)

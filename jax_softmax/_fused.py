@@ -109,8 +109,10 @@ def _stats(cfg: Config, classes, z, y_c, r_c, hp: Hyper, keep_exp: bool):
   """The chunk's row stats and aux: the :class:`LossAux` with
   ``return_aux``, the rows' entropy (from the stats) for an objective."""
   objective = cfg.objective is not None
+  # An objective recomputes exp(z - m): its entropy's reductions over a
+  # kept exp made XLA hold one more (chunk, V) block, for no speed.
   st = row_stats(z, y_c, r_c, None, hp, int_labels=True, classes=classes,
-                 keep_exp=keep_exp or objective)
+                 keep_exp=keep_exp and not objective)
   aux = None
   if objective:
     aux = stats_entropy(z, st, hp, classes)

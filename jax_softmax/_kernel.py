@@ -245,7 +245,7 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
   bad = counted & ((y < 0) | (y >= classes.num_classes))
   z_y = classes.take(shifted, y)
   not_y = classes.ids()[None, :] != y[:, None]
-  r_y = classes.sum(jnp.exp(jnp.where(not_y, shifted, NEG_INF)))
+  r_y = classes.sum(jnp.where(not_y, e, 0.0))   # e's own exp, not a second
   e_y = jnp.exp(z_y)
   log_s = jnp.log(r_y + e_y)
   near = z_y > -20.0
@@ -276,16 +276,29 @@ def _target_terms(zc, shifted, e, valid, k, target, counted, hp, classes):
           jnp.zeros_like(counted))
 
 
-def probs(z, class_mask, hp: Hyper, st: RowStats):
-  """Capped logits, ``p`` and ``-log p``, recomputed from the row stats.
-
-  ``p = exp((z - m) - log_s)``, never ``exp(z - lse)``: ``lse`` rounded to
-  float32 would shift every exponent by up to ``|lse| * 2**-24``.
-  """
+def stats_exp(z, class_mask, hp: Hyper, st: RowStats):
+  """``(zc, zc - m, exp(zc - m))`` of a block from its row stats: the
+  capped logits (0 on uncounted rows), shifted by the row's ``m``
+  (``-inf`` off the support), and their exp: the kept one when
+  ``st.exp`` is set (no second exp)."""
   zc = support_logits(z, class_mask, hp)
   zc = jnp.where(st.counted[:, None], zc, 0.0)
-  nll = st.log_sum[:, None] - (zc - st.shift[:, None])
-  return zc, jnp.exp(-nll), nll
+  shifted = zc - st.shift[:, None]
+  return zc, shifted, jnp.exp(shifted) if st.exp is None else st.exp
+
+
+def probs(z, class_mask, hp: Hyper, st: RowStats):
+  """Capped logits, ``p`` and ``-log p``, from the row stats.
+
+  ``p = exp(z - m) / s`` with the kept exp, else ``exp((z - m) - log_s)``;
+  never ``exp(z - lse)``: ``lse`` rounded to float32 would shift every
+  exponent by up to ``|lse| * 2**-24``. Unused parts (``zc`` without a
+  cap or smoothing) cost nothing under ``jit``.
+  """
+  zc, shifted, e = stats_exp(z, class_mask, hp, st)
+  nll = st.log_sum[:, None] - shifted
+  p = jnp.exp(-nll) if st.exp is None else e * jnp.exp(-st.log_sum)[:, None]
+  return zc, p, nll
 
 
 class RowCotangents(NamedTuple):
@@ -338,12 +351,7 @@ def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
 
   Exactly 0 on uncounted rows and masked classes, NaN on ``nan_row`` rows.
   """
-  if (st.exp is not None and hp.label_smoothing is None
-      and hp.soft_cap is None):
-    # p from the kept exp(z - m): no second exp, no read of z.
-    zc, p = None, st.exp * jnp.exp(-st.log_sum)[:, None]
-  else:
-    zc, p, _ = probs(z, class_mask, hp, st)
+  zc, p, _ = probs(z, class_mask, hp, st)
   g = to_logits(_grad_capped(zc, p, target, hp, int_labels, st, cot,
                              classes), zc, hp)
   keep = st.counted[:, None]

@@ -101,7 +101,10 @@ def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
   sum needs no ``log s``, so XLA can fuse it with the one of ``s``. 0 on
   uncounted rows; NaN rows NaN."""
   zc, shifted, e = stats_exp(z, None, hp, st)
-  mean_shift = classes.sum(e * jnp.where(zc != NEG_INF, shifted, 0.0))
+  valid = zc != NEG_INF
+  # (This form, not e * where(...): XLA then holds one block less.)
+  mean_shift = classes.sum(
+      jnp.where(valid, e * jnp.where(valid, shifted, 0.0), 0.0))
   h = st.log_sum - mean_shift * jnp.exp(-st.log_sum)
   return jnp.where(st.counted, h, 0.0)
 

@@ -153,7 +153,8 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
       g = _chunk_grads(cfg, classes, z, (ws, y_c), hp, st, aux, c,
                        (None, g_ent), need)
       acc, dx, dz = accumulate(acc, g), g.dx, g.dz
-    return acc, ((st._replace(exp=None), aux, f, dx, d_args), dz)
+    st = st._replace(exp=None, exp_label=None)
+    return acc, ((st, aux, f, dx, d_args), dz)
 
   acc, (st, aux, f, dx, d_args) = chunk_scan(
       cfg, step, x, ws, (y, row, row_cot, rows), need, cot is not None,

@@ -153,7 +153,10 @@ class RowStats(NamedTuple):
     bad_label: bool, a counted row whose integer label is out of range.
     shift: the row maximum ``m`` (0 on uncounted rows).
     log_sum: ``log sum_S exp(z - m)``: ``p = exp(z - m - log_sum)``.
-    exp: ``(rows, C)`` ``exp(z - m)`` when kept for the backward pass.
+    exp: ``(rows, C)`` ``exp(z - m)`` when kept for the backward pass;
+      with integer labels, 0 at the label (whose entry is ``exp_label``).
+    exp_label: ``(rows,)`` ``exp(z_y - m)`` with a kept exp and integer
+      labels, else None.
   """
 
   lse: jax.Array
@@ -167,6 +170,7 @@ class RowStats(NamedTuple):
   log_sum: jax.Array
   bad_label: jax.Array
   exp: jax.Array | None = None
+  exp_label: jax.Array | None = None
 
 
 def scaled_logits(z, hp: Hyper):
@@ -221,7 +225,7 @@ def row_stats(z, target, row, class_mask, hp: Hyper, *, int_labels: bool,
   poisoned = counted & (jnp.isnan(top) | (top == jnp.inf))
   terms = (_int_label_terms if int_labels else _target_terms)(
       zc, shifted, e, valid, k, target, counted, hp, classes)
-  log_s, xent, mass, weight, bad = terms
+  log_s, xent, mass, weight, bad, kept, e_y = terms
   nan_row = poisoned | bad
   xent = jnp.where(counted, jnp.where(nan_row, jnp.nan, xent), 0.0)
   lse = jnp.where(poisoned, jnp.nan, m[:, 0] + log_s)
@@ -229,12 +233,13 @@ def row_stats(z, target, row, class_mask, hp: Hyper, *, int_labels: bool,
       lse=jnp.where(counted, lse, 0.0), xent=xent,
       counted=counted, mean_weight=weight, target_mass=mass,
       support_size=k, nan_row=nan_row, shift=m[:, 0],
-      log_sum=jnp.where(counted, log_s, 0.0), exp=e if keep_exp else None,
-      bad_label=bad)
+      log_sum=jnp.where(counted, log_s, 0.0), bad_label=bad,
+      exp=kept if keep_exp else None, exp_label=e_y if keep_exp else None)
 
 
 def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
-  """``(log_s, xent, target_mass, mean_weight, bad)`` for integer labels.
+  """``(log_s, xent, target_mass, mean_weight, bad, e without the label's
+  entry, e_y)`` for integer labels.
 
   The sum of ``exp(z - m)`` is ``r_y + e_y``, ``r_y`` over the classes other
   than the label: ``nll_y = log(1 + r_y / e_y)`` keeps a tiny ``r_y`` (a
@@ -244,8 +249,10 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
   """
   bad = counted & ((y < 0) | (y >= classes.num_classes))
   z_y = classes.take(shifted, y)
-  not_y = classes.ids()[None, :] != y[:, None]
-  r_y = classes.sum(jnp.where(not_y, e, 0.0))   # e's own exp, not a second
+  # e's own exp, not a second; the masked e is the one kept (XLA then
+  # writes one (rows, C) array, not e and its masked copy).
+  e_not_y = jnp.where(classes.ids()[None, :] != y[:, None], e, 0.0)
+  r_y = classes.sum(e_not_y)
   e_y = jnp.exp(z_y)
   log_s = jnp.log(r_y + e_y)
   near = z_y > -20.0
@@ -262,32 +269,43 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
     wz = classes.sum(weighted(jnp.where(valid, shifted, 0.0), local))
     xent = mul0(1 - eps, xent) + eps * (w_s * log_s - wz) / k
     mass = (1 - eps) * w_y + eps * w_s / k
-  return log_s, xent, mass, jnp.where(counted, w_y, 0.0), bad
+  return log_s, xent, mass, jnp.where(counted, w_y, 0.0), bad, e_not_y, e_y
 
 
 def _target_terms(zc, shifted, e, valid, k, target, counted, hp, classes):
-  """``(log_s, xent, target_mass, mean_weight, bad)`` for probabilities."""
+  """``(log_s, xent, target_mass, mean_weight, bad, e, None)`` for
+  probabilities."""
   log_s = jnp.log(classes.sum(e))
   q = smoothed_target(clean_rows(target, counted), valid, k,
                       hp.label_smoothing)
   wq = weighted(q, hp)
   xent = jnp.sum(mul0(wq, log_s[:, None] - shifted), axis=-1)
   return (log_s, xent, jnp.sum(wq, axis=-1), counted.astype(zc.dtype),
-          jnp.zeros_like(counted))
+          jnp.zeros_like(counted), e, None)
 
 
-def stats_exp(z, class_mask, hp: Hyper, st: RowStats):
+def stats_exp(z, class_mask, hp: Hyper, st: RowStats, labels=None, *,
+              classes: Classes | None = None):
   """``(zc, zc - m, exp(zc - m))`` of a block from its row stats: the
   capped logits (0 on uncounted rows), shifted by the row's ``m``
   (``-inf`` off the support), and their exp: the kept one when
-  ``st.exp`` is set (no second exp)."""
+  ``st.exp`` is set (no second exp; with integer labels, given as
+  ``labels`` with their ``classes``, the label's entry put back)."""
   zc = support_logits(z, class_mask, hp)
   zc = jnp.where(st.counted[:, None], zc, 0.0)
   shifted = zc - st.shift[:, None]
-  return zc, shifted, jnp.exp(shifted) if st.exp is None else st.exp
+  e = st.exp
+  if e is None:
+    e = jnp.exp(shifted)
+  elif st.exp_label is not None:
+    assert labels is not None and classes is not None
+    e = jnp.where(classes.ids()[None, :] == labels[:, None],
+                  st.exp_label[:, None], e)
+  return zc, shifted, e
 
 
-def probs(z, class_mask, hp: Hyper, st: RowStats):
+def probs(z, class_mask, hp: Hyper, st: RowStats, labels=None, *,
+          classes: Classes | None = None):
   """Capped logits, ``p`` and ``-log p``, from the row stats.
 
   ``p = exp(z - m) / s`` with the kept exp, else ``exp((z - m) - log_s)``;
@@ -295,7 +313,7 @@ def probs(z, class_mask, hp: Hyper, st: RowStats):
   exponent by up to ``|lse| * 2**-24``. Unused parts (``zc`` without a
   cap or smoothing) cost nothing under ``jit``.
   """
-  zc, shifted, e = stats_exp(z, class_mask, hp, st)
+  zc, shifted, e = stats_exp(z, class_mask, hp, st, labels, classes=classes)
   nll = st.log_sum[:, None] - shifted
   p = jnp.exp(-nll) if st.exp is None else e * jnp.exp(-st.log_sum)[:, None]
   return zc, p, nll
@@ -351,7 +369,8 @@ def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
 
   Exactly 0 on uncounted rows and masked classes, NaN on ``nan_row`` rows.
   """
-  zc, p, _ = probs(z, class_mask, hp, st)
+  zc, p, _ = probs(z, class_mask, hp, st, target if int_labels else None,
+                  classes=classes)
   g = to_logits(_grad_capped(zc, p, target, hp, int_labels, st, cot,
                              classes), zc, hp)
   keep = st.counted[:, None]
@@ -395,7 +414,8 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
   Under ``jit`` XLA drops the ones that are not used. With a sharded
   ``classes`` they are those of the whole vocabulary (summed over shards).
   """
-  zc, p, nll = probs(z, class_mask, hp, st)
+  zc, p, nll = probs(z, class_mask, hp, st, target if int_labels else None,
+                    classes=classes)
   valid = zc != NEG_INF
   nll = jnp.where(valid, nll, 0.0)
   rows = jnp.where(st.counted, cot.xent, 0.0)

@@ -51,16 +51,15 @@ from jax_softmax._chunks import (
   chunk_scan,
   default_chunk_size,
 )
+from jax_softmax._hypergrad import grad_hyper, temperature_grad
 from jax_softmax._kernel import (
   Classes,
   Hyper,
   RowCotangents,
   RowStats,
-  grad_hyper,
   grad_logits,
   label_weights,
   row_stats,
-  temperature_grad,
 )
 from jax_softmax._numerics import compute_dtype
 

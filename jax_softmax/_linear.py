@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 
 from jax_softmax import _checks
+from jax_softmax._hypergrad import grad_hyper
 from jax_softmax._kernel import (
-    Classes,
-    grad_hyper,
-    grad_logits,
-    make_hyper,
-    row_stats,
+  Classes,
+  grad_logits,
+  make_hyper,
+  row_stats,
 )
 from jax_softmax._numerics import compute_dtype
 from jax_softmax._reduce import reduce_rows, row_cotangents

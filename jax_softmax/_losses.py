@@ -16,16 +16,15 @@ import jax.numpy as jnp
 
 from jax_softmax import _checks
 from jax_softmax._aux import LossAux, grad_aux, row_aux
+from jax_softmax._hypergrad import grad_hyper, temperature_grad
 from jax_softmax._kernel import (
   Classes,
   Hyper,
   RowStats,
-  grad_hyper,
   grad_logits,
   grad_target,
   make_hyper,
   row_stats,
-  temperature_grad,
 )
 from jax_softmax._numerics import clean_rows, compute_dtype
 from jax_softmax._primitives import logsumexp

@@ -1,0 +1,104 @@
+"""Gradients of the loss with respect to its hyperparameters.
+
+Given the row stats and per-row cotangents of :mod:`jax_softmax._kernel`:
+label smoothing, z-loss, soft cap, class weights and temperature. Under
+``jit`` XLA drops the ones that are not used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax._kernel import (
+  Classes,
+  Hyper,
+  RowCotangents,
+  RowStats,
+  grad_capped,
+  label_weights,
+  probs,
+  scaled_logits,
+  smoothed_target,
+  weighted,
+)
+from jax_softmax._numerics import NEG_INF, div_scalar, mul0
+
+
+def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
+               cot: RowCotangents, *, int_labels: bool, classes: Classes
+               ) -> Hyper:
+  """Gradients of the loss with respect to the hyperparameters.
+
+  Under ``jit`` XLA drops the ones that are not used. With a sharded
+  ``classes`` they are those of the whole vocabulary (summed over shards).
+  """
+  zc, p, nll = probs(z, class_mask, hp, st, target if int_labels else None,
+                    classes=classes)
+  valid = zc != NEG_INF
+  nll = jnp.where(valid, nll, 0.0)
+  rows = jnp.where(st.counted, cot.xent, 0.0)
+  nll_y = None
+  if int_labels:
+    nll_y = jnp.where(st.nan_row, jnp.nan, classes.take(nll, target))
+  d_eps = d_z = d_cap = d_w = None
+  if hp.label_smoothing is not None:
+    d_eps = jnp.sum(rows * _smoothing_slope(nll, nll_y, target, valid, hp,
+                                            st, classes))
+  if hp.z_loss is not None:
+    d_z = jnp.sum(jnp.where(st.counted, (cot.z_loss * st.lse) * st.lse, 0.0))
+  if hp.soft_cap is not None:
+    g = grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
+    keep = valid & st.counted[:, None]
+    # d zc / d cap for zc = cap * tanh(zt / cap), zt = z / temperature.
+    u = div_scalar(jnp.where(keep, scaled_logits(z, hp), 0.0), hp.soft_cap)
+    th = jnp.tanh(u)
+    d_cap = classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
+        1 - jnp.square(th))), 0.0)))
+  if hp.class_weights is not None:
+    d_w = _class_weight_grad(nll, nll_y, target, valid, rows, hp, st, cot,
+                             classes).astype(hp.class_weights.dtype)
+  return Hyper(d_eps, d_z, d_cap, d_w)
+
+
+def temperature_grad(dz, z, hp: Hyper, classes: Classes):
+  """``d loss / d temperature`` from the loss's whole gradient ``dz`` with
+  respect to the raw logits ``z``: the logits enter only as ``z / T``, so
+  it is ``-sum dz * z / T`` (0 where ``dz`` is: masked ``-inf`` logits).
+  None without a temperature."""
+  if hp.temperature is None:
+    return None
+  zf = z.astype(dz.dtype)
+  return -classes.total(jnp.sum(jnp.where(dz == 0, 0.0, dz * zf))) / (
+      hp.temperature)
+
+
+def _smoothing_slope(nll, nll_y, target, valid, hp, st, classes):
+  """``d xent / d eps`` per row (0 on uncounted rows)."""
+  k = st.support_size
+  if nll_y is not None:
+    w_y = label_weights(target, hp, classes.num_classes, nll.dtype)
+    smooth = classes.sum(weighted(nll, classes.weights(hp))) / k
+    return jnp.where(st.counted, smooth - w_y * nll_y, 0.0)
+  dq = valid / k[:, None] - target
+  return jnp.where(st.counted, jnp.sum(weighted(dq * nll, hp), axis=-1), 0.0)
+
+
+def _class_weight_grad(nll, nll_y, target, valid, rows, hp, st,
+                       cot: RowCotangents, classes: Classes):
+  """``d loss / d class_weights``, ``(num_classes,)``."""
+  eps = hp.label_smoothing
+  k = st.support_size
+  if nll_y is None:
+    q = smoothed_target(target, valid, k, eps)
+    return jnp.sum(rows[:, None] * mul0(q, nll), 0)
+  keep = 1.0 if eps is None else 1 - eps
+  per_y = rows * keep * nll_y - jnp.where(st.counted, cot.scale, 0.0) * (
+      cot.mean_xent)
+  n = classes.num_classes
+  d_w = jax.ops.segment_sum(per_y, jnp.clip(target, 0, n - 1),
+                            num_segments=n)
+  if eps is not None:
+    d_w = d_w + classes.scatter(jnp.sum(rows[:, None] * eps * nll /
+                                        k[:, None], 0))
+  return d_w

@@ -78,6 +78,15 @@ def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
   ``d lse / d z = p`` and ``d H / d z = -p (log p + H)``, on the support.
   ``g_lse`` / ``g_ent`` are ``(rows,)`` cotangents or None (zero).
   """
+  zc, valid, g = aux_grad_capped(z, class_mask, hp, aux, g_lse, g_ent,
+                                 classes=classes)
+  return jnp.where(valid, to_logits(g, zc, hp), 0.0)
+
+
+def aux_grad_capped(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
+                    classes: Classes):
+  """``(zc, support, g)``: :func:`grad_aux`'s gradient with respect to the
+  capped logits ``zc`` (before the cap's and temperature's factors)."""
   zc, valid, log_p, _ = _log_probs(z, class_mask, hp, classes)
   p = jnp.where(valid, jnp.exp(log_p), 0.0)
   g = jnp.zeros_like(p)
@@ -85,7 +94,7 @@ def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
     g = g + g_lse[:, None] * p
   if g_ent is not None:
     g = g + _entropy_grad(p, log_p, aux.entropy, g_ent)
-  return jnp.where(valid, to_logits(g, zc, hp), 0.0)
+  return zc, valid, g
 
 
 def _entropy_grad(p, log_p, entropy, g_ent):

@@ -10,12 +10,14 @@ rows ``j, j + n / c, ...``), so a batch split in blocks over devices by
   mean's denominators depend only on the row mask, the labels and the
   bias), so each step of :func:`_forward_sweep` also forms
   ``g = d loss / d z`` and does ``dx_c = g w^T``, ``dw += x_c^T g``
-  (float32 accumulator). Residuals are those gradients, in float32; the
+  (float32 accumulator), and the hyperparameters' gradients (linear in
+  the per-row cotangents). Residuals are those gradients, in float32; the
   backward pass scales them by the output cotangent and rounds each to its
   input's dtype once. Three matmuls in all, the minimum.
 * **recompute in the backward pass** (``reduction="none"``,
-  ``grad_in_forward=False``, differentiated hyperparameters, aux
-  cotangents): residuals are the inputs and the per-row statistics;
+  ``grad_in_forward=False``, aux cotangents, differentiated class weights
+  of a ``"mean"`` or hyperparameters with ``return_aux``): residuals are
+  the inputs and the per-row statistics;
   :func:`_backward_sweep` recomputes each chunk's logits (four matmuls)
   and honours any per-row cotangent.
 
@@ -51,7 +53,7 @@ from jax_softmax._chunks import (
   chunk_scan,
   default_chunk_size,
 )
-from jax_softmax._hypergrad import grad_hyper, temperature_grad
+from jax_softmax._hypergrad import grad_hyper, temperature_grad, with_aux
 from jax_softmax._kernel import (
   Classes,
   Hyper,
@@ -99,6 +101,8 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
   if need.hyper and cot is not None:
     dh = grad_hyper(z, y_c, None, hp, st, cot, int_labels=True,
                     classes=classes)
+    if not objective and aux is not None:
+      dh = with_aux(dh, z, None, hp, aux, g_lse, g_ent, classes=classes)
     dh = dh._replace(temperature=temperature_grad(dz, z, hp, classes))
   return Grads(dx, None, jnp.sum(dz, axis=0) if need.dbias else None, dh,
                 dz=(dz_w, keep) if need.dw else None)
@@ -157,7 +161,7 @@ def _forward_sweep(cfg: Config, x, w, bias, y, row, hp: Hyper,
 
   acc, (st, aux, f, dx, d_args) = chunk_scan(
       cfg, step, x, ws, (y, row, row_cot, rows), need, cot is not None,
-      False, hp)
+      cot is not None, hp)
   if cot is None:
     return st, aux, f, None
   d_weights = _reduce.weight_grad(st, cot, rows.weights)
@@ -250,8 +254,14 @@ def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
         "need jax.shard_map(..., check_vma=True) (the default): with "
         "check_vma=False the partial gradients of each device would not be "
         "summed.")
-  in_forward = (cfg.reduction != "none" and not hp_on
-                and cfg.grad_in_forward is not False)
+  # The hyperparameters' gradients are linear in the per-row cotangents,
+  # so they too form in the forward pass, except the class weights' of a
+  # "mean" (its denominator's term needs the mean, known after the loop)
+  # and with aux outputs (whose cotangents reach the cap and temperature).
+  in_forward = (cfg.reduction != "none" and cfg.grad_in_forward is not False
+                and not (hp_on and (cfg.return_aux or (
+                    hp.class_weights is not None
+                    and cfg.reduction == "mean"))))
   pre, cot = (_unit_cotangents(cfg, w, bias, y, row, hp, rows.weights)
               if in_forward else (None, None))
   st, aux, f, grads = _forward_sweep(cfg, x, w, bias, y, row, hp, rows, need,
@@ -296,6 +306,9 @@ def _fused_bwd(cfg: Config, res: _Residuals, g):
         k: add_grad(g * a, getattr(out, k)) for k, a in zip(
             ("dx", "dw", "dbias"), res.grads[:3], strict=True)
         if a is not None})
+    if res.grads.hyper is not None:
+      out = out._replace(hyper=jax.tree.map(lambda a: g * a,
+                                            res.grads.hyper))
     d_rows = jax.tree.map(lambda a: g * a, res.grads.rows)
   # float32 until here: each gradient is rounded to its input's dtype once.
   dx, dw, db = (a if a is None or p is None else a.astype(p.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_softmax._aux import LossAux, aux_grad_capped
 from jax_softmax._kernel import (
   Classes,
   Hyper,
@@ -49,16 +50,36 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
     d_z = jnp.sum(jnp.where(st.counted, (cot.z_loss * st.lse) * st.lse, 0.0))
   if hp.soft_cap is not None:
     g = grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
-    keep = valid & st.counted[:, None]
-    # d zc / d cap for zc = cap * tanh(zt / cap), zt = z / temperature.
-    u = div_scalar(jnp.where(keep, scaled_logits(z, hp), 0.0), hp.soft_cap)
-    th = jnp.tanh(u)
-    d_cap = classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
-        1 - jnp.square(th))), 0.0)))
+    d_cap = _cap_grad(g, z, valid & st.counted[:, None], hp, classes)
   if hp.class_weights is not None:
     d_w = _class_weight_grad(nll, nll_y, target, valid, rows, hp, st, cot,
                              classes).astype(hp.class_weights.dtype)
   return Hyper(d_eps, d_z, d_cap, d_w)
+
+
+def _cap_grad(g, z, keep, hp: Hyper, classes: Classes):
+  """``sum g * d zc / d cap`` over ``keep``, for a gradient ``g`` with
+  respect to ``zc = cap * tanh(zt / cap)``, ``zt = z / temperature``."""
+  u = div_scalar(jnp.where(keep, scaled_logits(z, hp), 0.0), hp.soft_cap)
+  th = jnp.tanh(u)
+  return classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
+      1 - jnp.square(th))), 0.0)))
+
+
+def with_aux(dh: Hyper, z, class_mask, hp: Hyper, aux: LossAux, g_lse,
+             g_ent, *, classes: Classes) -> Hyper:
+  """``dh`` plus the aux outputs' share: their cotangents ``g_lse`` /
+  ``g_ent`` (None: zero) reach the soft cap (``lse`` and ``entropy`` are
+  those of the capped logits). The temperature's comes from the whole
+  ``dz`` (:func:`temperature_grad`), the other hyperparameters leave the
+  aux unchanged."""
+  if hp.soft_cap is None or (g_lse is None and g_ent is None):
+    return dh
+  zc, valid, g = aux_grad_capped(z, class_mask, hp, aux, g_lse, g_ent,
+                                 classes=classes)
+  d_cap = _cap_grad(g, z, valid, hp, classes)
+  return dh._replace(soft_cap=d_cap if dh.soft_cap is None
+                     else dh.soft_cap + d_cap)
 
 
 def temperature_grad(dz, z, hp: Hyper, classes: Classes):

@@ -52,10 +52,13 @@ def linear_cross_entropy(
   ``6 b d V`` FLOPs; residuals are ``dx``, ``dw``, ``dbias``. With
   ``reduction="none"`` (per-row cotangents are honoured),
   ``grad_in_forward=False`` (small residuals: ``x``, ``w``, ``(b,)``
-  statistics, e.g. under remat), or differentiated hyperparameters, the
-  backward pass recomputes the logits (four matmuls). A call that is not
-  differentiated computes the loss only. A frozen ``x`` or ``w`` skips its
-  gradient matmul.
+  statistics, e.g. under remat), ``return_aux`` with differentiated aux
+  outputs or hyperparameters, or differentiated ``class_weights`` of a
+  ``"mean"`` (its denominator needs the loss), the backward pass
+  recomputes the logits (four matmuls); the other hyperparameters'
+  gradients (smoothing, z-loss, cap, temperature) come from the forward
+  pass. A call that is not differentiated computes the loss only. A
+  frozen ``x`` or ``w`` skips its gradient matmul.
 
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
   float32 ``dw`` accumulator ``(d, V)`` and ``dx`` ``(b, d)`` (and, on
@@ -124,8 +127,7 @@ def linear_cross_entropy(
       of its gradient.
     weights, temperature: as in :func:`cross_entropy` (per-row weights of
       the labels' shape; ``z / T``). Neither leaves the three-matmul path;
-      the weights' gradient comes from the same pass, a differentiated
-      temperature adds the recomputing backward sweep.
+      their gradients come from the same pass.
 
   Returns:
     A scalar, or the per-row loss of the labels' shape for ``"none"``.

@@ -114,10 +114,10 @@ def linear_log_prob_objective(
   per-row ``d fn / d log_p`` and ``d fn / d entropy`` come from
   ``jax.vjp`` of ``fn`` at that chunk's values (the mean's denominator is
   known before the loop), then the three matmuls; the gradients of the
-  ``fn_args`` come from the same pass. ``"none"`` and a differentiated
-  ``temperature`` recompute the logits in the backward pass (four
-  matmuls). Data- and vocabulary-parallel as :func:`linear_cross_entropy`
-  (entropy and log-probabilities over the global vocabulary).
+  ``fn_args`` and ``temperature`` come from the same pass. ``"none"``
+  recomputes the logits in the backward pass (four matmuls). Data- and
+  vocabulary-parallel as :func:`linear_cross_entropy` (entropy and
+  log-probabilities over the global vocabulary).
 
   Args:
     x, w, labels, bias, where, ignore_index: as in

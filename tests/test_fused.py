@@ -213,6 +213,88 @@ def test_hyperparameter_gradients_match_plain():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reduction,weighted", [("mean", False),
+                                                ("sum", False),
+                                                ("sum", True)])
+def test_hyperparameter_gradients_formed_in_the_forward_pass(reduction,
+                                                             weighted):
+  """Smoothing, z-loss, cap and temperature (and class weights but for a
+  "mean", whose denominator needs the loss) differentiated together with
+  ``x`` and ``w``: three matmuls, and the float64 reference's gradients
+  (central differences for the hyperparameters)."""
+  x, w, _, y = _data(b=64, v=100)
+  y = y.at[5].set(-100)
+  hyper = (0.1, 1e-2, 5.0, 0.7) + ((jnp.linspace(0.5, 2.0, 100),)
+                                   if weighted else ())
+
+  def fused(x, w, eps, zl, cap, t, cw=None):
+    return js.linear_cross_entropy(
+        x, w, y, chunk_size=16, label_smoothing=eps, z_loss=zl, soft_cap=cap,
+        temperature=t, class_weights=cw, reduction=reduction)
+
+  args = (x, w) + tuple(jnp.asarray(a, jnp.float32) for a in hyper)
+  f = jax.value_and_grad(fused, tuple(range(len(args))))
+  assert op_counts(compile_jit(f, *args))["dot"] == 3
+  value, grads = f(*args)
+
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+  def reference(eps, zl, cap, t, cw=None):
+    return ref.cross_entropy(z / t, y, label_smoothing=eps, z_loss=zl,
+                             soft_cap=cap, class_weights=cw,
+                             reduction=reduction)
+
+  h64 = [np.asarray(a, np.float64) for a in hyper]
+  assert_close(value, reference(*h64), jnp.float32, finite_scale(value))
+  dzt, _ = ref.cross_entropy_vjp(
+      z / h64[3], y, label_smoothing=h64[0], z_loss=h64[1], soft_cap=h64[2],
+      class_weights=h64[4] if weighted else None, reduction=reduction)
+  dz = dzt / h64[3]
+  want = [dz @ np.asarray(w, np.float64).T, np.asarray(x, np.float64).T @ dz]
+  for i, a in enumerate(h64):
+    step = 1e-5 * np.eye(a.size)
+    want.append(np.array([
+        (reference(*h64[:i], a + s.reshape(a.shape), *h64[i + 1:])
+         - reference(*h64[:i], a - s.reshape(a.shape), *h64[i + 1:]))
+        / 2e-5 for s in step]).reshape(a.shape))
+  for g, e in zip(grads, want, strict=True):
+    assert_close(g, e, jnp.float32, finite_scale(e))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["logits", "fused"])
+def test_soft_cap_gradient_includes_the_aux_outputs(api):
+  """``lse`` and ``entropy`` of ``return_aux`` are those of the capped
+  logits: their cotangents reach ``d / d soft_cap`` (and temperature), as
+  in plain autodiff of the same expression."""
+  x, w, _, y = _data()
+
+  def ours(x, w, cap, t):
+    if api == "logits":
+      loss, aux = js.cross_entropy(x @ w, y, soft_cap=cap, temperature=t,
+                                   return_aux=True)
+    else:
+      loss, aux = js.linear_cross_entropy(x, w, y, chunk_size=4,
+                                          soft_cap=cap, temperature=t,
+                                          return_aux=True)
+    return loss + 0.3 * aux.entropy.mean() + 0.1 * aux.lse.mean()
+
+  def plain(x, w, cap, t):
+    zc = cap * jnp.tanh(x @ w / t / cap)
+    log_p = jax.nn.log_softmax(zc)
+    nll = -jnp.take_along_axis(log_p, y[:, None], 1).mean()
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, 1)
+    return (nll + 0.3 * entropy.mean()
+            + 0.1 * jax.nn.logsumexp(zc, axis=1).mean())
+
+  args = (x, w, jnp.float32(5.0), jnp.float32(0.7))
+  got = jax.grad(ours, (0, 1, 2, 3))(*args)
+  want = jax.grad(plain, (0, 1, 2, 3))(*args)
+  for g, e in zip(got, want, strict=True):
+    assert rel_err(g, e) < 1e-5
+
+
+@pytest.mark.slow
 def test_leading_batch_dims_and_vmap():
   x, w, _, y = _data(b=12)
   x3, y3 = x.reshape(3, 4, D), y.reshape(3, 4)

@@ -683,6 +683,15 @@ def test_work_three_matmuls(reduction):
     compiled = compile_jit(jax.value_and_grad(objective, argnums), *args)
     assert op_counts(compiled)["dot"] == 3, argnums
 
+  def tempered(x, w, t):   # a differentiated temperature too
+    return js.linear_log_prob_objective(x, w, y, ppo, (noise - 3.0, adv),
+                                        temperature=t, reduction=reduction,
+                                        chunk_size=16)
+
+  compiled = compile_jit(jax.value_and_grad(tempered, (0, 1, 2)), x, w,
+                         jnp.float32(0.7))
+  assert op_counts(compiled)["dot"] == 3
+
   def weighted(x, w, v):
     return js.linear_cross_entropy(x, w, y, weights=v, reduction=reduction,
                                    chunk_size=16)

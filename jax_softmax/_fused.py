@@ -15,8 +15,9 @@ rows ``j, j + n / c, ...``), so a batch split in blocks over devices by
   backward pass scales them by the output cotangent and rounds each to its
   input's dtype once. Three matmuls in all, the minimum.
 * **recompute in the backward pass** (``reduction="none"``,
-  ``grad_in_forward=False``, aux cotangents, differentiated class weights
-  of a ``"mean"`` or hyperparameters with ``return_aux``): residuals are
+  ``grad_in_forward=False``, differentiated class weights of a ``"mean"``
+  or hyperparameters with ``return_aux``; aux cotangents add this sweep to
+  the other): residuals are
   the inputs and the per-row statistics;
   :func:`_backward_sweep` recomputes each chunk's logits (four matmuls)
   and honours any per-row cotangent.
@@ -244,6 +245,7 @@ def _unit_cotangents(cfg: Config, w, bias, y, row, hp, weights
 
 
 def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
+  cw_on = _reduce.unwrap_primals(hp.class_weights)[1]
   (x, dx_on), (w, dw_on), (bias, db_on), (y, _), (row, _), (hp, hp_on), (
       rows, rows_on) = (_reduce.unwrap_primals(a) for a in (
           x, w, bias, y, row, hp, rows))
@@ -259,9 +261,8 @@ def _fused_fwd(cfg: Config, x, w, bias, y, row, hp, rows):
   # "mean" (its denominator's term needs the mean, known after the loop)
   # and with aux outputs (whose cotangents reach the cap and temperature).
   in_forward = (cfg.reduction != "none" and cfg.grad_in_forward is not False
-                and not (hp_on and (cfg.return_aux or (
-                    hp.class_weights is not None
-                    and cfg.reduction == "mean"))))
+                and not (hp_on and cfg.return_aux)
+                and not (cw_on and cfg.reduction == "mean"))
   pre, cot = (_unit_cotangents(cfg, w, bias, y, row, hp, rows.weights)
               if in_forward else (None, None))
   st, aux, f, grads = _forward_sweep(cfg, x, w, bias, y, row, hp, rows, need,

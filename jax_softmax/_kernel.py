@@ -299,7 +299,9 @@ def stats_exp(z, class_mask, hp: Hyper, st: RowStats, labels=None, *,
   if e is None:
     e = jnp.exp(shifted)
   elif st.exp_label is not None:
-    assert labels is not None and classes is not None
+    if labels is None or classes is None:
+      raise ValueError("stats_exp: a kept exp of integer labels needs the "
+                       "labels and their classes")
     e = jnp.where(classes.ids()[None, :] == labels[:, None],
                   st.exp_label[:, None], e)
   return zc, shifted, e

@@ -52,13 +52,14 @@ def linear_cross_entropy(
   ``6 b d V`` FLOPs; residuals are ``dx``, ``dw``, ``dbias``. With
   ``reduction="none"`` (per-row cotangents are honoured),
   ``grad_in_forward=False`` (small residuals: ``x``, ``w``, ``(b,)``
-  statistics, e.g. under remat), ``return_aux`` with differentiated aux
-  outputs or hyperparameters, or differentiated ``class_weights`` of a
-  ``"mean"`` (its denominator needs the loss), the backward pass
-  recomputes the logits (four matmuls); the other hyperparameters'
-  gradients (smoothing, z-loss, cap, temperature) come from the forward
-  pass. A call that is not differentiated computes the loss only. A
-  frozen ``x`` or ``w`` skips its gradient matmul.
+  statistics, e.g. under remat), ``return_aux`` with differentiated
+  hyperparameters, or differentiated ``class_weights`` of a ``"mean"``
+  (its denominator needs the loss), the backward pass recomputes the
+  logits (four matmuls); the other hyperparameters' gradients (smoothing,
+  z-loss, cap, temperature) come from the forward pass. Non-zero aux
+  cotangents add one recomputing sweep (three more matmuls). A call that
+  is not differentiated computes the loss only. A frozen ``x`` or ``w``
+  skips its gradient matmul.
 
   Memory: about ``3 * 4 * chunk * V`` bytes of chunk temporaries plus the
   float32 ``dw`` accumulator ``(d, V)`` and ``dx`` ``(b, d)`` (and, on

@@ -206,7 +206,7 @@ def cross_entropy(
     return_aux: also return a :class:`LossAux` of per-row ``lse``,
       ``entropy``, ``argmax`` and ``correct`` (computed in the same call;
       ``lse`` and ``entropy`` are differentiable, with hand-written
-      gradients; hyperparameter gradients cover the loss only).
+      gradients, which also reach ``soft_cap`` and ``temperature``).
     weights: optional per-row floating weights of the batch shape (may be
       negative, e.g. advantages, traced and differentiated): each row's
       cross-entropy term is multiplied by its weight; the z-loss is not,

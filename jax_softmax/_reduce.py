@@ -133,7 +133,8 @@ def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
   ``pre`` those of the rows ``st`` counted: exactly 1 unless a row counted
   in ``pre`` is not in ``st``, else ``d_pre / d_true``. The cross-entropy
   and z-loss terms share that factor unless class weights and z-loss are
-  both on: then NaN (no one rescaling is exact)."""
+  both on in a ``"mean"``: then NaN (no one rescaling is exact; a
+  ``"sum"`` has no denominators, its factor is 1)."""
   lost = batch_sum((pre.counted & ~st.counted).astype(jnp.int32),
                    batch_axes) > 0
   d_pre = denominators(pre, reduction, batch_axes)
@@ -142,7 +143,8 @@ def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
   # Weights summing to 0: the gradient is inf/NaN on counted rows anyway,
   # and rows not counted keep their 0 (no NaN factor over them).
   ratio = jnp.where(jnp.isfinite(ratio), ratio, jnp.ones_like(ratio))
-  if hp.z_loss is not None and hp.class_weights is not None:
+  if (hp.z_loss is not None and hp.class_weights is not None
+      and reduction == "mean"):
     ratio = jnp.full_like(ratio, jnp.nan)
   return jnp.where(lost, ratio, jnp.ones_like(ratio))
 

@@ -213,21 +213,21 @@ def test_hyperparameter_gradients_match_plain():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reduction,weighted", [("mean", False),
-                                                ("sum", False),
-                                                ("sum", True)])
-def test_hyperparameter_gradients_formed_in_the_forward_pass(reduction,
-                                                             weighted):
-  """Smoothing, z-loss, cap and temperature (and class weights but for a
-  "mean", whose denominator needs the loss) differentiated together with
-  ``x`` and ``w``: three matmuls, and the float64 reference's gradients
-  (central differences for the hyperparameters)."""
+@pytest.mark.parametrize("reduction,cw", [("mean", "none"), ("mean", "fixed"),
+                                          ("sum", "none"), ("sum", "learned")])
+def test_hyperparameter_gradients_formed_in_the_forward_pass(reduction, cw):
+  """Smoothing, z-loss, cap and temperature (and class weights, fixed or,
+  but for a "mean", whose denominator needs the loss, learned)
+  differentiated together with ``x`` and ``w``: three matmuls, and the
+  float64 reference's gradients (central differences for the
+  hyperparameters)."""
   x, w, _, y = _data(b=64, v=100)
   y = y.at[5].set(-100)
-  hyper = (0.1, 1e-2, 5.0, 0.7) + ((jnp.linspace(0.5, 2.0, 100),)
-                                   if weighted else ())
+  weights = jnp.linspace(0.5, 2.0, 100)
+  hyper = (0.1, 1e-2, 5.0, 0.7) + ((weights,) if cw == "learned" else ())
+  fixed = weights if cw == "fixed" else None
 
-  def fused(x, w, eps, zl, cap, t, cw=None):
+  def fused(x, w, eps, zl, cap, t, cw=fixed):
     return js.linear_cross_entropy(
         x, w, y, chunk_size=16, label_smoothing=eps, z_loss=zl, soft_cap=cap,
         temperature=t, class_weights=cw, reduction=reduction)
@@ -238,8 +238,9 @@ def test_hyperparameter_gradients_formed_in_the_forward_pass(reduction,
   value, grads = f(*args)
 
   z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  fixed64 = None if fixed is None else np.asarray(fixed, np.float64)
 
-  def reference(eps, zl, cap, t, cw=None):
+  def reference(eps, zl, cap, t, cw=fixed64):
     return ref.cross_entropy(z / t, y, label_smoothing=eps, z_loss=zl,
                              soft_cap=cap, class_weights=cw,
                              reduction=reduction)
@@ -248,7 +249,8 @@ def test_hyperparameter_gradients_formed_in_the_forward_pass(reduction,
   assert_close(value, reference(*h64), jnp.float32, finite_scale(value))
   dzt, _ = ref.cross_entropy_vjp(
       z / h64[3], y, label_smoothing=h64[0], z_loss=h64[1], soft_cap=h64[2],
-      class_weights=h64[4] if weighted else None, reduction=reduction)
+      class_weights=h64[4] if cw == "learned" else fixed64,
+      reduction=reduction)
   dz = dzt / h64[3]
   want = [dz @ np.asarray(w, np.float64).T, np.asarray(x, np.float64).T @ dz]
   for i, a in enumerate(h64):

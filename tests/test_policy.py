@@ -212,3 +212,20 @@ def test_fused_recount_with_class_weights_and_z_loss_is_nan():
     else:
       np.testing.assert_allclose(np.asarray(dw), np.asarray(x[::2]).T @ g[::2],
                                  rtol=1e-5)
+  # A "sum" has no denominators: its gradient in the forward pass is exact,
+  # the hyperparameters' (formed there too) as well.
+  kw = dict(kw, reduction="sum")
+  g = np.nan_to_num(ref.cross_entropy_vjp(z, np.asarray(y), **kw)[0])
+
+  def summed(w, zl, gif):
+    return js.linear_cross_entropy(x, w, y, grad_in_forward=gif,
+                                   **dict(kw, z_loss=zl))
+
+  (dw, dzl), (dw_re, dzl_re) = (
+      jax.grad(summed, (0, 1))(w, jnp.float32(1e-2), gif)
+      for gif in (None, False))
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(x[::2]).T @ g[::2],
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw_re), np.asarray(dw), rtol=1e-6)
+  assert np.isfinite(float(dzl))
+  np.testing.assert_allclose(float(dzl), float(dzl_re), rtol=1e-6)

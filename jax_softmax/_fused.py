@@ -17,8 +17,7 @@ rows ``j, j + n / c, ...``), so a batch split in blocks over devices by
 * **recompute in the backward pass** (``reduction="none"``,
   ``grad_in_forward=False``, differentiated class weights of a ``"mean"``
   or hyperparameters with ``return_aux``; aux cotangents add this sweep to
-  the other): residuals are
-  the inputs and the per-row statistics;
+  the other): residuals are the inputs and the per-row statistics;
   :func:`_backward_sweep` recomputes each chunk's logits (four matmuls)
   and honours any per-row cotangent.
 
@@ -54,7 +53,7 @@ from jax_softmax._chunks import (
   chunk_scan,
   default_chunk_size,
 )
-from jax_softmax._hypergrad import grad_hyper, temperature_grad, with_aux
+from jax_softmax._hypergrad import grad_hyper
 from jax_softmax._kernel import (
   Classes,
   Hyper,
@@ -100,11 +99,11 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
   dx = _matmuls.grad_dx(dz_w, ws) if need.dx else None
   dh = None
   if need.hyper and cot is not None:
+    # An objective's aux is its rows' entropy (no cap there), not a
+    # LossAux.
     dh = grad_hyper(z, y_c, None, hp, st, cot, int_labels=True,
-                    classes=classes)
-    if not objective and aux is not None:
-      dh = with_aux(dh, z, None, hp, aux, g_lse, g_ent, classes=classes)
-    dh = dh._replace(temperature=temperature_grad(dz, z, hp, classes))
+                    classes=classes, dz=dz,
+                    aux=None if objective else aux, aux_cot=aux_cot)
   return Grads(dx, None, jnp.sum(dz, axis=0) if need.dbias else None, dh,
                 dz=(dz_w, keep) if need.dw else None)
 

@@ -27,12 +27,18 @@ from jax_softmax._numerics import NEG_INF, div_scalar, mul0
 
 
 def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
-               cot: RowCotangents, *, int_labels: bool, classes: Classes
+               cot: RowCotangents, *, int_labels: bool, classes: Classes,
+               dz, aux: LossAux | None = None, aux_cot=(None, None)
                ) -> Hyper:
   """Gradients of the loss with respect to the hyperparameters.
 
-  Under ``jit`` XLA drops the ones that are not used. With a sharded
-  ``classes`` they are those of the whole vocabulary (summed over shards).
+  ``dz`` is the whole gradient with respect to the raw logits ``z`` (the
+  temperature's comes from it); ``aux`` with its cotangents ``aux_cot =
+  (g_lse, g_ent)`` (None: zero) adds the aux outputs' share of the soft
+  cap's (``lse`` and ``entropy`` are those of the capped logits; the
+  other hyperparameters leave them unchanged). Under ``jit`` XLA drops
+  the ones that are not used. With a sharded ``classes`` they are those
+  of the whole vocabulary (summed over shards).
   """
   zc, p, nll = probs(z, class_mask, hp, st, target if int_labels else None,
                     classes=classes)
@@ -51,10 +57,14 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
   if hp.soft_cap is not None:
     g = grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
     d_cap = _cap_grad(g, z, valid & st.counted[:, None], hp, classes)
+    if aux is not None and aux_cot != (None, None):
+      _, aux_valid, g_aux = aux_grad_capped(z, class_mask, hp, aux,
+                                            *aux_cot, classes=classes)
+      d_cap = d_cap + _cap_grad(g_aux, z, aux_valid, hp, classes)
   if hp.class_weights is not None:
     d_w = _class_weight_grad(nll, nll_y, target, valid, rows, hp, st, cot,
                              classes).astype(hp.class_weights.dtype)
-  return Hyper(d_eps, d_z, d_cap, d_w)
+  return Hyper(d_eps, d_z, d_cap, d_w, _temperature_grad(dz, z, hp, classes))
 
 
 def _cap_grad(g, z, keep, hp: Hyper, classes: Classes):
@@ -66,23 +76,7 @@ def _cap_grad(g, z, keep, hp: Hyper, classes: Classes):
       1 - jnp.square(th))), 0.0)))
 
 
-def with_aux(dh: Hyper, z, class_mask, hp: Hyper, aux: LossAux, g_lse,
-             g_ent, *, classes: Classes) -> Hyper:
-  """``dh`` plus the aux outputs' share: their cotangents ``g_lse`` /
-  ``g_ent`` (None: zero) reach the soft cap (``lse`` and ``entropy`` are
-  those of the capped logits). The temperature's comes from the whole
-  ``dz`` (:func:`temperature_grad`), the other hyperparameters leave the
-  aux unchanged."""
-  if hp.soft_cap is None or (g_lse is None and g_ent is None):
-    return dh
-  zc, valid, g = aux_grad_capped(z, class_mask, hp, aux, g_lse, g_ent,
-                                 classes=classes)
-  d_cap = _cap_grad(g, z, valid, hp, classes)
-  return dh._replace(soft_cap=d_cap if dh.soft_cap is None
-                     else dh.soft_cap + d_cap)
-
-
-def temperature_grad(dz, z, hp: Hyper, classes: Classes):
+def _temperature_grad(dz, z, hp: Hyper, classes: Classes):
   """``d loss / d temperature`` from the loss's whole gradient ``dz`` with
   respect to the raw logits ``z``: the logits enter only as ``z / T``, so
   it is ``-sum dz * z / T`` (0 where ``dz`` is: masked ``-inf`` logits).

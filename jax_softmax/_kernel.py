@@ -102,6 +102,10 @@ class Classes:
     """The global ids of the classes held here, ``(C,)``."""
     return jnp.arange(self.n_local) + self.offset
 
+  def is_label(self, y):
+    """``(rows, C)`` bool: True at each row's global label ``y``."""
+    return self.ids()[None, :] == y[:, None]
+
   def take(self, a, y):
     """``a[row, y[row]]`` for global ids ``y`` (0 for out-of-range ids)."""
     local = y - self.offset
@@ -252,7 +256,7 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
   z_y = classes.take(shifted, y)
   # e's own exp, not a second; the masked e is the one kept (XLA then
   # writes one (rows, C) array, not e and its masked copy).
-  e_not_y = jnp.where(classes.ids()[None, :] != y[:, None], e, 0.0)
+  e_not_y = jnp.where(classes.is_label(y), 0.0, e)
   r_y = classes.sum(e_not_y)
   e_y = jnp.exp(z_y)
   log_s = jnp.log(r_y + e_y)
@@ -302,8 +306,7 @@ def stats_exp(z, class_mask, hp: Hyper, st: RowStats, labels=None, *,
     if labels is None or classes is None:
       raise ValueError("stats_exp: a kept exp of integer labels needs the "
                        "labels and their classes")
-    e = jnp.where(classes.ids()[None, :] == labels[:, None],
-                  st.exp_label[:, None], e)
+    e = jnp.where(classes.is_label(labels), st.exp_label[:, None], e)
   return zc, shifted, e
 
 
@@ -347,7 +350,7 @@ def grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
   may be None when there is no smoothing: only the support needs it)."""
   eps = hp.label_smoothing
   if int_labels:
-    onehot = classes.ids()[None, :] == target[:, None]
+    onehot = classes.is_label(target)
     ones = weighted(jnp.ones_like(p), classes.weights(hp))
     target_w = jnp.where(onehot, ones, 0.0)
     if eps is not None:

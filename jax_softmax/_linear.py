@@ -43,7 +43,7 @@ def _linear_loss_bwd(res, g):
   dx = jnp.matmul(dz.astype(w.dtype), w.T, preferred_element_type=f32)
   dreg = (g * jnp.sum(w * w)).astype(reg.dtype)
   dhp = grad_hyper(z, y, None, hp, st, cot, int_labels=True,
-                   classes=classes)
+                   classes=classes, dz=dz)
   return (dw.astype(w.dtype), dx.astype(x.dtype), None, None, dreg, dhp)
 
 

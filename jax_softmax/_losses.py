@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jax_softmax import _checks
 from jax_softmax._aux import LossAux, grad_aux, row_aux
-from jax_softmax._hypergrad import grad_hyper, temperature_grad, with_aux
+from jax_softmax._hypergrad import grad_hyper
 from jax_softmax._kernel import (
   Classes,
   Hyper,
@@ -102,11 +102,8 @@ def _cross_entropy_bwd(cfg: _Config, res: _Residuals, g):
   if not cfg.int_labels:
     dt = grad_target(z, class_mask, hp, st, cot).astype(target.dtype)
   dhp = grad_hyper(z, target, class_mask, hp, st, cot,
-                   int_labels=cfg.int_labels, classes=classes)
-  if res.aux is not None:
-    dhp = with_aux(dhp, z, class_mask, hp, res.aux, g_lse, g_ent,
-                   classes=classes)
-  dhp = dhp._replace(temperature=temperature_grad(dz, z, hp, classes))
+                   int_labels=cfg.int_labels, classes=classes, dz=dz,
+                   aux=res.aux, aux_cot=(g_lse, g_ent))
   return (_one_buffer(dz.astype(z.dtype)), dt, None, None, dhp,
           weight_grad(st, cot, res.weights))
 

@@ -348,6 +348,13 @@ def test_work_three_matmuls_and_frozen_inputs_skip_theirs():
   recompute = compile_jit(jax.value_and_grad(
       lambda x, w: loss(x, w, grad_in_forward=False), (0, 1)), x, w)
   assert op_counts(recompute)["dot"] == 4
+
+  def with_entropy_bonus(x, w):   # aux cotangents: one more sweep
+    value, aux = loss(x, w, return_aux=True)
+    return value - 0.01 * aux.entropy.mean()
+
+  bonus = compile_jit(jax.value_and_grad(with_entropy_bonus, (0, 1)), x, w)
+  assert op_counts(bonus)["dot"] == 6
   # No copy or transpose of w anywhere in the gradient program.
   text = both.as_text()
   assert not re.search(r"f32\[(8,100|100,8)\][^ ]* (copy|transpose)\(", text)

@@ -16,7 +16,7 @@ from jax_softmax._kernel import (
   support_logits,
   to_logits,
 )
-from jax_softmax._numerics import NEG_INF, log_of_sum, shift_exp
+from jax_softmax._numerics import NEG_INF, shift_exp
 
 
 class LossAux(NamedTuple):
@@ -48,9 +48,7 @@ def _log_probs(z, class_mask, hp: Hyper, classes: Classes):
   zc = support_logits(z, class_mask, hp)
   valid = zc != NEG_INF
   m, shifted, e = shift_exp(zc, classes.max(zc)[:, None])
-  at_top = shifted == 0   # log(1 + tiny) keeps its tiny (log_of_sum)
-  log_s = log_of_sum(classes.sum(jnp.where(at_top, e, 0.0)),
-                     classes.sum(jnp.where(at_top, 0.0, e)))
+  log_s = classes.log_sum(shifted, e)
   safe = jnp.where(log_s == NEG_INF, 0.0, log_s)[:, None]
   log_p = jnp.where(valid, shifted - safe, 0.0)
   return zc, valid, log_p, m[:, 0] + log_s

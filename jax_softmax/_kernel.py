@@ -32,6 +32,7 @@ from jax_softmax._numerics import (
   clean_rows,
   compute_dtype,
   div_scalar,
+  log_of_sum,
   mul0,
   shift_exp,
   soft_cap,
@@ -113,6 +114,15 @@ class Classes:
         a, jnp.clip(local, 0, self.n_local - 1)[:, None], -1)[:, 0]
     return self.sum(jnp.where((local >= 0) & (local < self.n_local), v,
                               0.0)[:, None])
+
+  def log_sum(self, shifted, e):
+    """``log sum_c e_c`` for ``e = exp(shifted)``, ``shifted = z - m``: the
+    terms at the maximum (``shifted == 0``) apart from the rest
+    (:func:`log_of_sum`), so that a confident row's ``log(1 + 1e-24)``
+    keeps its ``1e-24``."""
+    at_top = shifted == 0
+    return log_of_sum(self.sum(jnp.where(at_top, e, 0.0)),
+                      self.sum(jnp.where(at_top, 0.0, e)))
 
   def weights(self, hp: Hyper) -> Hyper:
     """``hp`` with the class weights of the classes held here."""
@@ -259,14 +269,17 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
   e_not_y = jnp.where(classes.is_label(y), 0.0, e)
   r_y = classes.sum(e_not_y)
   e_y = jnp.exp(z_y)
-  log_s = jnp.log(r_y + e_y)
+  eps = hp.label_smoothing
+  # Smoothing's terms need log_s itself to the last ulp (a confident row's
+  # log_s is tiny); without it, log_s only gives lse and p (one sum).
+  log_s = (jnp.log(r_y + e_y) if eps is None
+           else classes.log_sum(shifted, e))
   near = z_y > -20.0
   nll_y = jnp.where(near, jnp.log1p(r_y / jnp.where(near, e_y, 1.0)),
                     log_s - z_y)
   w_y = label_weights(y, hp, classes.num_classes, zc.dtype)
   xent = mul0(w_y, jnp.where(bad, jnp.nan, nll_y))
   mass = w_y
-  eps = hp.label_smoothing
   if eps is not None:
     # (eps / K) sum_S w_c nll_c = (W_S log_s - sum_S w_c (z_c - m)) / K
     local = classes.weights(hp)
@@ -280,7 +293,7 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
 def _target_terms(zc, shifted, e, valid, k, target, counted, hp, classes):
   """``(log_s, xent, target_mass, mean_weight, bad, e, None)`` for
   probabilities."""
-  log_s = jnp.log(classes.sum(e))
+  log_s = classes.log_sum(shifted, e)
   q = smoothed_target(clean_rows(target, counted), valid, k,
                       hp.label_smoothing)
   wq = weighted(q, hp)

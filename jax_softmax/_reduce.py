@@ -132,9 +132,10 @@ def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
   """The factor that makes gradients formed with the denominators of
   ``pre`` those of the rows ``st`` counted: exactly 1 unless a row counted
   in ``pre`` is not in ``st``, else ``d_pre / d_true``. The cross-entropy
-  and z-loss terms share that factor unless class weights and z-loss are
-  both on in a ``"mean"``: then NaN (no one rescaling is exact; a
-  ``"sum"`` has no denominators, its factor is 1)."""
+  and z-loss terms share that factor unless their two ratios differ (class
+  weights and z-loss in a ``"mean"``): then NaN, as no one rescaling is
+  exact, except where ``st`` counts no row at all (every gradient is 0
+  whatever the factor)."""
   lost = batch_sum((pre.counted & ~st.counted).astype(jnp.int32),
                    batch_axes) > 0
   d_pre = denominators(pre, reduction, batch_axes)
@@ -143,9 +144,10 @@ def recount(pre: RowStats, st: RowStats, hp: Hyper, reduction: str,
   # Weights summing to 0: the gradient is inf/NaN on counted rows anyway,
   # and rows not counted keep their 0 (no NaN factor over them).
   ratio = jnp.where(jnp.isfinite(ratio), ratio, jnp.ones_like(ratio))
-  if (hp.z_loss is not None and hp.class_weights is not None
-      and reduction == "mean"):
-    ratio = jnp.full_like(ratio, jnp.nan)
+  if hp.z_loss is not None:
+    none_left = batch_sum(st.counted.astype(jnp.int32), batch_axes) == 0
+    one_factor = (d_pre[1] / d_true[1] == ratio) | none_left
+    ratio = jnp.where(one_factor, ratio, jnp.nan)
   return jnp.where(lost, ratio, jnp.ones_like(ratio))
 
 

@@ -241,6 +241,29 @@ def test_confident_row_keeps_its_small_loss():
       want[:2], rtol=2**-22)
 
 
+@pytest.mark.parametrize("fused", (False, True))
+@pytest.mark.parametrize("labels", ("int", "probs"))
+def test_confident_row_keeps_its_small_loss_under_smoothing(fused, labels):
+  # Found by hypothesis: with label smoothing the smoothing term's
+  # log sum exp(z - m) = log(1 + 1e-24) rounded to 0, so a row weighted
+  # only at its (confident) top class lost its 0.05 * nll (0.9 nll instead
+  # of 0.95 nll). The top class is the label (row 0) or not (row 1).
+  z = np.array([[54.15, 0.0], [54.15, 0.0]], np.float32)
+  cw = jnp.array([1.0, 0.0])
+  y = np.array([0, 1])
+  t = y if labels == "int" else np.eye(2, dtype=np.float32)[y]
+  kw = dict(label_smoothing=0.1, class_weights=cw, reduction="none")
+  want = ref.cross_entropy(z, t, **kw)
+  assert want[0] > 0 and want[1] > 0
+  if fused:
+    if labels == "probs":
+      pytest.skip("linear_cross_entropy takes integer labels")
+    out = js.linear_cross_entropy(jnp.eye(2), jnp.asarray(z), y, **kw)
+  else:
+    out = js.cross_entropy(jnp.asarray(z), t, **kw)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("base", (0.0, -1000.0, 1000.0))
 def test_float32_loss_within_3_ulps_of_float64(base):
   rng = np.random.default_rng(1)

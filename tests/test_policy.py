@@ -191,6 +191,34 @@ def test_fused_row_with_all_logits_minus_inf_is_uncounted(gif, reduction):
   assert (np.asarray(fused[1][0][1]) == 0).all()
 
 
+@pytest.mark.parametrize("cw", ([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_recount_of_a_batch_left_with_no_row_is_zero(cw, dtype):
+  # Found by hypothesis: rows 0 and 2 masked, row 1's logits all -inf, so
+  # no row counts and the loss is 0 with zero gradients; with class weights
+  # and z-loss the recount's "no one rescaling is exact" NaN reached every
+  # gradient. Its gradients are 0 whatever the factor.
+  x = jnp.array([[1.0, 0.0], [jnp.inf, 0.0], [0.5, 1.0]], dtype)
+  w = jnp.array([[-1.0, -2.0, -3.0], [1.0, 0.0, 2.0]], dtype)
+  b = jnp.array([0.5, 0.0, -1.0], dtype)
+  y = jnp.array([0, 2, 1], jnp.int8)
+  where = jnp.array([False, True, False])
+  kw = dict(class_weights=jnp.array(cw), z_loss=1e-2, where=where)
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(
+      b, np.float64)
+  want = ref.cross_entropy(z, np.asarray(y),
+                           **dict(kw, where=np.asarray(where)))
+  assert want == 0.0
+  for gif in (None, False):
+    loss, grads = jax.value_and_grad(
+        lambda x, w, b, gif=gif: js.linear_cross_entropy(
+            x, w, y, bias=b, chunk_size=2, grad_in_forward=gif, **kw),
+        (0, 1, 2))(x, w, b)
+    assert float(loss) == 0.0
+    for g in grads:
+      np.testing.assert_array_equal(np.asarray(g, np.float32), 0.0)
+
+
 def test_fused_recount_with_class_weights_and_z_loss_is_nan():
   # With class weights the cross-entropy's and the z-loss's denominators
   # change by different factors when a row drops out: no one rescaling is

@@ -175,7 +175,11 @@ def chunk_scan(cfg: Config, step, x, ws: _matmuls.Weights, per_row,
 
   acc, ys = lax.scan(body, init, (groups, xt))
   if plain_dw and cfg.vocab_major:
-    acc = acc._replace(dw=jnp.swapaxes(cast(jax.Array, acc.dw), 0, 1))
+    # The barrier keeps XLA from folding the transpose into the product of
+    # a one-trip loop (a dot of two transposed bfloat16 operands, which
+    # the CPU backend cannot run).
+    dw = lax.optimization_barrier(cast(jax.Array, acc.dw))
+    acc = acc._replace(dw=jnp.swapaxes(dw, 0, 1))
   acc = acc._replace(hyper=_sharded.sum_over(acc.hyper, row_axes))
   return acc, jax.tree.map(lambda a: flat_chunks(merge(a)), ys)
 

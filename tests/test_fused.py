@@ -433,6 +433,33 @@ def test_half_precision_w_on_cpu(w_layout, dtype):
   assert operands == [want] * 3
 
 
+@pytest.mark.parametrize("objective", [False, True])
+@pytest.mark.parametrize(("b", "chunk"), [(4, 4), (10, 3), (2, None), (13, 4)])
+def test_half_precision_vd_gradient_runs_eagerly(b, chunk, objective):
+  # A one-trip chunk loop let XLA fold the final transpose of the (d, V)
+  # dw accumulator into its product, a dot the CPU backend cannot run in
+  # bfloat16 ("Unsupported element type for DotThunk"): executed here,
+  # eagerly (the forward pass compiled alone) and under jit, against the
+  # float64 reference of the rounded inputs.
+  x, w, bias, y = _data(jnp.bfloat16, b=b)
+  wt = jnp.asarray(w.T)
+
+  def loss(x, wt, bias):
+    kw = dict(bias=bias, chunk_size=chunk, w_layout="vd")
+    if objective:
+      return js.linear_log_prob_objective(x, wt, y, lambda lp, h: -lp, **kw)
+    return js.linear_cross_entropy(x, wt, y, **kw)
+
+  want = _reference(x, wt, bias, y, "mean", None, {}, w_layout="vd")
+  for f in (jax.value_and_grad(loss, (0, 1, 2)),
+            jax.jit(jax.value_and_grad(loss, (0, 1, 2)))):
+    value, grads = f(x, wt, bias)
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    assert_close(value, want[0], jnp.float32, finite_scale(want[0]))
+    for g, e in zip(grads, want[1], strict=True):
+      assert_close(g, e, jnp.bfloat16, finite_scale(e))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("grad_in_forward", [None, False])

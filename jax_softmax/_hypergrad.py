@@ -69,11 +69,13 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
 
 def _cap_grad(g, z, keep, hp: Hyper, classes: Classes):
   """``sum g * d zc / d cap`` over ``keep``, for a gradient ``g`` with
-  respect to ``zc = cap * tanh(zt / cap)``, ``zt = z / temperature``."""
+  respect to ``zc = cap * tanh(zt / cap)``, ``zt = z / temperature``:
+  ``d zc / d cap = tanh u - u (1 - tanh^2 u)``, ``u = zt / cap``, which is
+  1 at ``u = +inf`` (``mul0``: not ``inf * 0``)."""
   u = div_scalar(jnp.where(keep, scaled_logits(z, hp), 0.0), hp.soft_cap)
   th = jnp.tanh(u)
-  return classes.total(jnp.sum(jnp.where(keep, g * (th - u * (
-      1 - jnp.square(th))), 0.0)))
+  return classes.total(jnp.sum(jnp.where(keep, g * (th - mul0(
+      1 - jnp.square(th), u)), 0.0)))
 
 
 def _temperature_grad(dz, z, hp: Hyper, classes: Classes):

@@ -456,6 +456,40 @@ def test_soft_cap_keeps_minus_inf():
       z, jnp.array([1]), soft_cap=1.0)))
 
 
+@pytest.mark.parametrize("api", ["cross_entropy", "linear", "aux_entropy"])
+def test_soft_cap_gradient_at_a_plus_inf_logit(api):
+  # d (cap tanh(z / cap)) / d cap -> 1 as z -> +inf: the cap's gradient
+  # is finite (it was inf * 0 = NaN), that of the float64 reference.
+  z = np.array([[np.inf, 1.0, 0.0], [0.5, 2.0, -1.0]], np.float32)
+  y = jnp.array([1, 0])
+  x = jnp.array([[1.0], [0.5]])
+  w = jnp.array([[np.inf, 1.0, 0.0]])
+  logits = np.asarray(x) @ np.asarray(w) if api == "linear" else z
+
+  def loss(cap):
+    if api == "linear":
+      return js.linear_cross_entropy(x, w, y, soft_cap=cap)
+    if api == "aux_entropy":
+      _, aux = js.cross_entropy(jnp.asarray(z), y, soft_cap=cap,
+                                return_aux=True)
+      return jnp.sum(aux.entropy)
+    return js.cross_entropy(jnp.asarray(z), y, soft_cap=cap)
+
+  def ref_loss(cap):
+    if api != "aux_entropy":
+      return ref.cross_entropy(logits, np.asarray(y), soft_cap=cap)
+    zc = cap * np.tanh(logits.astype(np.float64) / cap)
+    p = np.exp(zc - zc.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return -np.sum(p * np.log(p))
+
+  h = 1e-6
+  want = (ref_loss(2.0 + h) - ref_loss(2.0 - h)) / (2 * h)
+  got = jax.grad(loss)(2.0)
+  assert np.isfinite(got)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_probability_formula_and_ignore_index_does_not_apply():
   z = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
   t = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])

@@ -24,7 +24,9 @@ class LossAux(NamedTuple):
 
   Filled for every row, uncounted ones included (``correct`` is False
   there). ``lse`` and ``entropy`` are differentiable; ``argmax`` and
-  ``correct`` are not.
+  ``correct`` are not. A row whose ``lse`` and ``entropy`` cotangents are
+  both 0 (left out of a metric) gets exactly 0 gradient from them, even
+  if it holds NaN or ``inf``.
 
   Attributes:
     lse: log-sum-exp of the (capped, masked) logits; ``-inf`` for a row
@@ -84,15 +86,22 @@ def grad_aux(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
 def aux_grad_capped(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
                     classes: Classes):
   """``(zc, support, g)``: :func:`grad_aux`'s gradient with respect to the
-  capped logits ``zc`` (before the cap's and temperature's factors)."""
+  capped logits ``zc`` (before the cap's and temperature's factors).
+  A row whose cotangents are both 0 (an uncounted row of an objective, a
+  row the caller's metric leaves out) gets exactly 0, whatever it holds:
+  its NaN reaches neither ``dz`` nor the hyperparameters' sums."""
   zc, valid, log_p, _ = _log_probs(z, class_mask, hp, classes)
   p = jnp.where(valid, jnp.exp(log_p), 0.0)
   g = jnp.zeros_like(p)
+  used = jnp.zeros(p.shape[:1], bool)
   if g_lse is not None:
     g = g + g_lse[:, None] * p
+    used = used | (g_lse != 0)
   if g_ent is not None:
     g = g + _entropy_grad(p, log_p, aux.entropy, g_ent)
-  return zc, valid, g
+    used = used | (g_ent != 0)
+  valid = valid & used[:, None]
+  return zc, valid, jnp.where(valid, g, 0.0)
 
 
 def _entropy_grad(p, log_p, entropy, g_ent):

@@ -92,8 +92,12 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
     dz = dz + grad_stats_entropy(z, st, aux, g_ent, hp)
   elif g_lse is not None or g_ent is not None:
     dz = dz + grad_aux(z, None, hp, aux, g_lse, g_ent, classes=classes)
-  # Aux terms reach every row; the loss and an objective only counted ones.
-  keep = st.counted if objective or (g_lse is None and g_ent is None) else None
+  # The loss and an objective reach counted rows only; aux terms also the
+  # rows with a nonzero aux cotangent. Others may hold NaN features.
+  keep = st.counted
+  if not objective:
+    for g_a in (g_lse, g_ent):
+      keep = keep if g_a is None else keep | (g_a != 0)
   # Rounded once, before both of its products (as on GPU and TPU).
   dz_w = dz.astype(ws.dtype)
   dx = _matmuls.grad_dx(dz_w, ws) if need.dx else None

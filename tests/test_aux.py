@@ -103,6 +103,35 @@ def test_aux_gradients_equal_plain_autodiff(reduction, fused):
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("fused", [False, True])
+def test_aux_rows_left_out_of_a_metric_give_no_gradient(bad, fused):
+  # Row 0 is ignored and holds NaN/inf; a metric of the other rows' aux
+  # (zero cotangent on row 0) leaves every gradient, the temperature's and
+  # the cap's included, as for a clean row 0.
+  x, w, y = _data()
+  if not fused:   # the logits hold the bad row (x @ w's dw would see it)
+    x, w = x @ w, None
+
+  def f(x, w, t, cap):
+    kw = dict(ignore_index=-1, temperature=t, soft_cap=cap,
+              return_aux=True)
+    if fused:
+      loss, aux = js.linear_cross_entropy(x, w, y, chunk_size=4, **kw)
+    else:
+      loss, aux = js.cross_entropy(x, y, **kw)
+    return loss - 0.3 * jnp.mean(aux.entropy[1:]) + 0.1 * aux.lse[2]
+
+  grad = jax.value_and_grad(f, (0, 1, 2, 3) if fused else (0, 2, 3))
+  got = grad(x.at[0].set(bad), w, 0.9, 4.0)
+  want = grad(x.at[0].set(0.0), w, 0.9, 4.0)
+  chex.assert_tree_all_finite(want)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1][0][0], 0.0)
+  np.testing.assert_array_equal(got[1][0][1:], want[1][0][1:])
+  chex.assert_trees_all_close(got[1][1:], want[1][1:], rtol=1e-6)
+
+
 def test_fused_aux_equals_cross_entropy_aux_and_vmap():
   x, w, y = _data()
   _, got = js.linear_cross_entropy(x, w, y, ignore_index=-1, chunk_size=3,

@@ -358,31 +358,40 @@ def test_ignore_index_none_counts_every_row():
                finite_scale(got))
 
 
+@pytest.mark.parametrize("api", ["linear", "logits"])
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_uncounted_rows_with_bad_features_leave_every_gradient(bad,
+def test_uncounted_rows_with_bad_features_leave_every_gradient(api, bad,
                                                                 reduction):
-  # A masked and an ignored row hold inf/NaN features: their logits are
-  # NaN, yet they are not counted, so no gradient may see them.
+  # A masked and an ignored row hold inf/NaN features (or logits): they
+  # are not counted, so no gradient may see them, the temperature's and
+  # the entropy's included (the logits' path once gave NaN there).
   x, emb, bias, y, adv, noise = _data()
+  if api == "logits":
+    x = x @ emb.T + bias[None, :]
   x = x.at[MASKED_ROW].set(bad).at[IGNORED].set(-bad)
   old = noise
   clean = x.at[MASKED_ROW].set(0.0).at[IGNORED].set(0.0)
 
-  def loss(x, emb, bias, old, adv):
-    out = js.linear_log_prob_objective(x, emb, y, ppo, (old, adv), bias=bias,
-                                       where=jnp.asarray(WHERE),
-                                       w_layout="vd", reduction=reduction,
-                                       chunk_size=4)
+  def loss(x, emb, bias, old, adv, t):
+    kw = dict(where=jnp.asarray(WHERE), reduction=reduction, temperature=t)
+    if api == "logits":
+      out = js.log_prob_objective(x, y, ppo, (old, adv), **kw)
+    else:
+      out = js.linear_log_prob_objective(x, emb, y, ppo, (old, adv),
+                                         bias=bias, w_layout="vd",
+                                         chunk_size=4, **kw)
     return jnp.sum(out * COT[:out.size].reshape(out.shape))
 
-  grad = jax.value_and_grad(loss, (0, 1, 2, 3, 4))
-  val, g = grad(x, emb, bias, old, adv)
-  want_val, want = grad(clean, emb, bias, old, adv)
+  grad = jax.value_and_grad(loss, (0, 1, 2, 3, 4, 5))
+  val, g = grad(x, emb, bias, old, adv, 0.9)
+  want_val, want = grad(clean, emb, bias, old, adv, 0.9)
   np.testing.assert_array_equal(val, want_val)
   for a, b in zip(g, want, strict=True):
     np.testing.assert_array_equal(a, b)
-  assert np.all(np.isfinite(g[1])) and np.all(np.isfinite(g[0][:3]))
+  assert np.all(np.isfinite(g[5])) and np.all(np.isfinite(g[0][:3]))
+  if api == "linear":
+    assert np.all(np.isfinite(g[1]))
 
 
 @pytest.mark.parametrize("api", ["logits", "linear"])

@@ -272,10 +272,11 @@ def _int_label_terms(zc, shifted, e, valid, k, y, counted, hp, classes):
   eps = hp.label_smoothing
   # Smoothing's terms need log_s itself to the last ulp (a confident row's
   # log_s is tiny); without it, log_s gives lse, p and an objective's
-  # entropy, exact where the label is at the maximum (e_y = 1: the log1p
-  # of r_y, no second sum) and to log's absolute ulp elsewhere.
-  log_s = (jnp.where(z_y == 0, jnp.log1p(r_y), jnp.log(r_y + e_y))
-           if eps is None else classes.log_sum(shifted, e))
+  # entropy, exact where the label is at the maximum (expm1(z_y) = 0: the
+  # log1p of r_y, no second sum; expm1 keeps d/dz_y for second order) and
+  # to log's absolute ulp elsewhere.
+  log_s = (jnp.log1p(r_y + jnp.expm1(z_y)) if eps is None
+           else classes.log_sum(shifted, e))
   near = z_y > -20.0
   nll_y = jnp.where(near, jnp.log1p(r_y / jnp.where(near, e_y, 1.0)),
                     log_s - z_y)

@@ -281,6 +281,33 @@ def test_reverse_over_reverse(kind, opts):
     chex.assert_trees_all_close(hvp, phvp, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("opts", ("plain", "zloss", "cap", "weights"))
+def test_second_order_where_the_label_is_the_top_class(opts):
+  # log s is log1p(r_y + expm1(z_y - m)) there: exact, and its derivative
+  # in z_y kept (a log1p(r_y) alone made z_y a constant: the Hessian of
+  # [0, 0] with label 0 came out 0.375, not 0.25). Rows: label on top,
+  # on a tie at the top, and below it.
+  z = _rng(4).standard_normal((4, 5))
+  z[2, 3] = z[2].max() + 1.0
+  z[2, 1] = z[2, 3]
+  z[0, 0] = 30.0
+  y = np.concatenate([np.argmax(z[:3], 1), [int(np.argmin(z[3]))]])
+  assert y[2] in (1, 3)
+  with jax.enable_x64(True):
+    hp = {k: jnp.asarray(v[:5] if k == "class_weights" else v, jnp.float64)
+          for k, v in OPTS[opts].items()}
+    zz, yy = jnp.asarray(z), jnp.asarray(y)
+    hess = [jax.jacrev(jax.grad(lambda z, fn=fn: fn(z, yy, **hp)))(zz)
+            for fn in (js.cross_entropy, plain_cross_entropy)]
+    chex.assert_trees_all_close(*hess, rtol=1e-9, atol=1e-12)
+    hp.pop("class_weights", None)
+    zero, y0 = jnp.zeros((1, 2)), jnp.array([0])
+    np.testing.assert_allclose(
+        jax.hessian(lambda z: js.cross_entropy(z, y0, **hp))(zero),
+        jax.hessian(lambda z: plain_cross_entropy(z, y0, **hp))(zero),
+        rtol=1e-12, atol=1e-15)
+
+
 # --------------------------------------------------------------------------
 # dtypes
 

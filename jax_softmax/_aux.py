@@ -67,7 +67,7 @@ def row_aux(z, target, counted, class_mask, hp: Hyper, *, int_labels: bool,
   entropy = -classes.sum(p * log_p)
   raw = z if class_mask is None else jnp.where(class_mask, z, NEG_INF)
   top = classes.argmax(raw)
-  want = target if int_labels else jnp.argmax(target, axis=-1)
+  want = target if int_labels else Classes(target.shape[-1]).argmax(target)
   return LossAux(lse, entropy, top, counted & (top == want))
 
 

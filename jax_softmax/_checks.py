@@ -8,6 +8,7 @@ inspects concrete labels eagerly and, on request, traced labels through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -394,8 +395,9 @@ def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
     num_classes *= logits.shape[a]
   perm = batch_axes + axes
 
-  def class_layout(x):
-    return jnp.transpose(x, perm).reshape(-1, num_classes)
+  def class_layout(x):   # (rows, classes); rows explicit (0 classes)
+    return jnp.transpose(x, perm).reshape(math.prod(batch_shape),
+                                          num_classes)
 
   int_labels = label_kind(labels)
   row, class_mask, row_where = None, None, where

@@ -90,7 +90,7 @@ class Classes:
     self.offset: jax.Array | int = 0
 
   def max(self, x):
-    return jnp.max(x, axis=-1)
+    return jnp.max(x, axis=-1, initial=-jnp.inf)   # -inf: no class
 
   def sum(self, x):
     return jnp.sum(x, axis=-1)
@@ -133,7 +133,10 @@ class Classes:
     return d_local
 
   def argmax(self, raw):
-    """First global index of each row's maximum."""
+    """First global index of each row's maximum (0 without classes, as
+    for a row whose every logit is ``-inf``)."""
+    if raw.shape[-1] == 0:
+      return jnp.zeros(raw.shape[:-1], jnp.int32)
     return jnp.argmax(raw, axis=-1)
 
 

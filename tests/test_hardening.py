@@ -395,6 +395,48 @@ def test_fused_loss_on_an_empty_batch(reduction, gif):
     np.testing.assert_array_equal(out, 0.0)
 
 
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("b", (0, 3))
+def test_zero_classes(reduction, b):
+  # A zero-length class axis (it once raised ZeroDivisionError): every row
+  # has no class left, so it is uncounted: loss 0 (optax's too), empty
+  # gradients; integer labels other than ignore_index are out of range.
+  z, t = jnp.zeros((b, 0)), jnp.zeros((b, 0))
+  ign = jnp.full((b,), -100)
+  shape = (b,) if reduction == "none" else ()
+
+  def check(f, *args):
+    val, grads = jax.value_and_grad(lambda *a: jnp.sum(f(*a)),
+                                    tuple(range(len(args))))(*args)
+    out = f(*args)
+    assert out.shape == shape and out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, 0.0)
+    assert val == 0.0
+    chex.assert_trees_all_equal_shapes(grads, args)
+    chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, args))
+
+  check(lambda z: js.cross_entropy(z, t, reduction=reduction), z)
+  check(lambda z: js.cross_entropy(z, ign, reduction=reduction), z)
+  check(lambda z: js.nll_loss(z, ign, reduction=reduction), z)
+  check(lambda z: js.log_prob_objective(z, ign, lambda lp, h: lp - h,
+                                        reduction=reduction), z)
+  x, w = jnp.ones((b, 4)), jnp.zeros((4, 0))
+  check(lambda x, w: js.linear_cross_entropy(x, w, ign, reduction=reduction),
+        x, w)
+  check(lambda x, w: js.linear_log_prob_objective(
+      x, w, ign, lambda lp, h: lp - h, reduction=reduction), x, w)
+  if reduction == "none":
+    np.testing.assert_array_equal(js.softmax_cross_entropy(z, t),
+                                  optax.softmax_cross_entropy(z, t))
+  _, aux = js.cross_entropy(z, t, return_aux=True)
+  np.testing.assert_array_equal(aux.lse, -np.inf)
+  np.testing.assert_array_equal(aux.entropy, 0.0)
+  np.testing.assert_array_equal(aux.argmax, 0)
+  if b:
+    with pytest.raises(ValueError, match=r"outside \[0, 0\)"):
+      js.cross_entropy(z, jnp.zeros((b,), jnp.int32))
+
+
 def test_chunk_larger_than_the_batch_is_clamped():
   b, d, v = 8, 16, 32000
   args = (jax.ShapeDtypeStruct((b, d), jnp.float32),

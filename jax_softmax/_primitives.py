@@ -51,11 +51,11 @@ Axis = int | tuple[int, ...] | None
 class _Sums(NamedTuple):
   """One slice reduction, in the compute dtype; kept dims have size 1."""
 
+  xa: jax.Array     # x, -inf where ``where`` is False (b == 0 entries kept)
   xs: jax.Array     # x, -inf off the entries summed (masked, b == 0)
   shift: jax.Array  # m: max of xs, 0 where that is not finite
   empty: jax.Array  # bool: the support is empty (max of xs is -inf)
-  exp: jax.Array    # exp(x - m) where ``where`` holds (b == 0 entries too)
-  terms: jax.Array  # the summands: b * exp on the support, 0 off it
+  terms: jax.Array  # the summands: b * exp(xs - m), 0 off the support
   total: jax.Array  # the sum of the terms
   log_abs: jax.Array  # log |total|, to the last ulp for tiny non-max terms
 
@@ -73,19 +73,17 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
   xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
   top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
-  m, _, u = shift_exp(xa, lax.stop_gradient(top))
-  if b is None:
-    e = u
-  else:
+  m, _, e = shift_exp(xs, lax.stop_gradient(top))
+  if b is not None:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
-    e = bw * jnp.where(b != 0, u, 0.0)
+    e = jnp.where(b != 0, bw, 0.0) * e
   # total = k + r, k the terms at the maximum (1 each without b): log k +
   # log1p(r / k) keeps a tiny r (logsumexp([0, -20]) = 2.06e-9, where
   # log(1 + r) rounds to 0).
   at_top = xs == m
   k = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
   r = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
-  return _Sums(xs=xs, shift=m, empty=top == _NEG_INF, exp=u, terms=e,
+  return _Sums(xa=xa, xs=xs, shift=m, empty=top == _NEG_INF, terms=e,
                total=k + r, log_abs=log_of_sum(k, r))
 
 
@@ -178,7 +176,7 @@ def _softmax(x, axes, mask):
 
 def _softmax_fwd(x, axes, mask):
   st = _sums(x, axes, mask)
-  y = _normalize(st.exp, st.total).astype(x.dtype)
+  y = _normalize(st.terms, st.total).astype(x.dtype)
   return y, y
 
 
@@ -315,27 +313,37 @@ def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _logsumexp(x, b, mask, axes, keepdims, return_sign):
-  return _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign)[0]
+  # The value alone (no residuals: d/db's exp of b == 0 entries is formed
+  # only when differentiating, so their NaN never is otherwise).
+  return _lse_outputs(_sums(x, axes, mask, b), x.dtype, axes, keepdims,
+                      return_sign)
+
+
+def _lse_outputs(st: _Sums, dtype, axes, keepdims, return_sign):
+  s = st.total
+  # Without return_sign a negative sum gives log(s) = NaN, as jax.nn.
+  lse = st.shift + (st.log_abs if return_sign else
+                    jnp.where(s < 0, jnp.log(s), st.log_abs))
+  outs = (lse, jnp.sign(s)) if return_sign else (lse,)
+  outs = tuple((o if keepdims else jnp.squeeze(o, axis=axes)).astype(dtype)
+               for o in outs)
+  return outs if return_sign else outs[0]
 
 
 def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
   st = _sums(x, axes, mask, b)
   s = st.total
-  # Without return_sign a negative sum gives log(s) = NaN, as jax.nn.
-  lse = st.shift + (st.log_abs if return_sign else
-                    jnp.where(s < 0, jnp.log(s), st.log_abs))
   # Gradients: NaN where the sum cancels to exactly 0 on a non-empty
   # support (a pole of log|s|) or is negative without return_sign.
   bad = (s == 0) & ~st.empty
   if not return_sign:
     bad = bad | (s < 0)
   p = _normalize(st.terms, s, bad)                              # d lse / d x
-  q = None if b is None else _normalize(st.exp, s, bad)       # d lse / d b
-  outs = (lse, jnp.sign(s)) if return_sign else (lse,)
-  outs = tuple((o if keepdims else jnp.squeeze(o, axis=axes)).astype(x.dtype)
-               for o in outs)
+  q = None   # d lse / d b = exp(a - m) / s, b == 0 entries included
+  if b is not None:
+    q = _normalize(shift_exp(st.xa, st.shift)[2], s, bad)
   res = (p.astype(x.dtype), None if q is None else q.astype(x.dtype))
-  return (outs if return_sign else outs[0]), res
+  return _lse_outputs(st, x.dtype, axes, keepdims, return_sign), res
 
 
 def _logsumexp_bwd(axes, keepdims, return_sign, res, g):

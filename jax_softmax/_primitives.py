@@ -324,9 +324,9 @@ def _lse_outputs(st: _Sums, dtype, axes, keepdims, return_sign):
   # Without return_sign a negative sum gives log(s) = NaN, as jax.nn.
   lse = st.shift + (st.log_abs if return_sign else
                     jnp.where(s < 0, jnp.log(s), st.log_abs))
-  outs = (lse, jnp.sign(s)) if return_sign else (lse,)
+  raw = (lse, jnp.sign(s)) if return_sign else (lse,)
   outs = tuple((o if keepdims else jnp.squeeze(o, axis=axes)).astype(dtype)
-               for o in outs)
+               for o in raw)
   return outs if return_sign else outs[0]
 
 

@@ -249,9 +249,10 @@ def scalar_param(value, name: str, dtype, *, low: float = -np.inf,
     v = float(np.asarray(value))
     below = v <= low if low_open else v < low
     if not np.isfinite(v) or below or v > high:
-      want = (f"in [{low:g}, {high:g}]" if np.isfinite(high) else
-              f"{'>' if low_open else '>='} {low:g}")
-      raise ValueError(f"{name} must be finite and {want}; got {v}.")
+      want = (f" and in [{low:g}, {high:g}]" if np.isfinite(high) else
+              f" and {'>' if low_open else '>='} {low:g}"
+              if np.isfinite(low) else "")
+      raise ValueError(f"{name} must be finite{want}; got {v}.")
   return arr
 
 

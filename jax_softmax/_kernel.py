@@ -90,7 +90,10 @@ class Classes:
     self.offset: jax.Array | int = 0
 
   def max(self, x):
-    return jnp.max(x, axis=-1, initial=-jnp.inf)   # -inf: no class
+    # Of no class: -inf (floats), the lowest integer (counts).
+    low = (-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating)
+           else jnp.iinfo(x.dtype).min)
+    return jnp.max(x, axis=-1, initial=low)
 
   def sum(self, x):
     return jnp.sum(x, axis=-1)

@@ -105,6 +105,16 @@ def linear_softmax_loss(
     >>> linear_softmax_loss(W, X, jnp.array([0, 1, 2, 0]))  # log(3)
     Array(1.0986123, dtype=float32)
   """
+  w, x, labels, row, r = _checked(W, X, y, reg, where, ignore_index)
+  hp = make_hyper(label_smoothing, 0.0, None, class_weights,
+                  w.shape[1], r.dtype)
+  return _linear_loss_jit(w, x, labels, row, r, hp)
+
+
+def _checked(W, X, y, reg, where, ignore_index  # noqa: N803
+             ) -> tuple[jax.Array, ...]:
+  """``(w, x, labels, row mask, reg)`` checked (shapes, dtypes, labels,
+  a concrete ``reg`` finite) and in one floating dtype."""
   w = _checks.as_float_array(W, "W")
   x = _checks.as_float_array(X, "X")
   if w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[0]:
@@ -115,11 +125,8 @@ def linear_softmax_loss(
   w = w.astype(x.dtype)
   labels, row = _checks.int_label_rows(y, (x.shape[0],), where,
                                        ignore_index, w.shape[1], name="y")
-  dtype = compute_dtype(w.dtype)
-  hp = make_hyper(label_smoothing, 0.0, None, class_weights,
-                          w.shape[1], dtype)
-  reg = _checks.scalar_param(reg, "reg", dtype)
-  return _linear_loss_jit(w, x, labels, row, reg, hp)
+  reg = _checks.scalar_param(reg, "reg", compute_dtype(w.dtype))
+  return w, x, labels, row, reg
 
 
 def softmax_with_gradients(
@@ -153,11 +160,10 @@ def softmax_with_gradients(
     Array([[-0.25,  0.25],
            [ 0.25, -0.25]], dtype=float32)
   """
-  if jnp.ndim(W) == 2 and jnp.ndim(y) == 1:
-    # Concrete labels are checked here, outside the jitted computation
-    # (the seed's contract: every label in [0, c), no ignore_index).
-    _checks.int_label_rows(y, jnp.shape(y), None, None, jnp.shape(W)[1],
-                           name="y")
+  # Checked as linear_softmax_loss checks them, here, outside the jitted
+  # computation (concrete labels and reg; the seed's contract: every
+  # label in [0, c), no ignore_index).
+  _checked(W, X, y, reg, None, None)
   return _value_and_grad(W, X, _checks.as_int_labels(y, "y")[0], reg)
 
 

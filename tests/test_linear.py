@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
+import jax_softmax as js
 from jax_softmax import linear_softmax_loss, softmax_with_gradients
 
 # --------------------------------------------------------------------------
@@ -685,20 +686,31 @@ def test_reg_schedule_and_hypergradient():
     ((5, 4), (12, 5), (11,)),
     ((5, 4), (12, 5), (12, 1)),
 ])
-def test_wrong_shapes_raise(w_shape, x_shape, y_shape):
+@pytest.mark.parametrize("fn", ["linear_softmax_loss",
+                                "softmax_with_gradients"])
+def test_wrong_shapes_raise(w_shape, x_shape, y_shape, fn):
   with pytest.raises(ValueError, match="shape"):
-    linear_softmax_loss(np.zeros(w_shape, np.float32),
-                        np.zeros(x_shape, np.float32),
-                        np.zeros(y_shape, np.int32))
+    getattr(js, fn)(np.zeros(w_shape, np.float32),
+                    np.zeros(x_shape, np.float32),
+                    np.zeros(y_shape, np.int32), 0.0)
 
 
-@pytest.mark.parametrize("which", ["W", "X", "y"])
-def test_wrong_dtypes_raise(which):
+@pytest.mark.parametrize("fn", ["linear_softmax_loss",
+                                "softmax_with_gradients"])
+@pytest.mark.parametrize("which", ["W", "X", "y", "reg"])
+def test_wrong_dtypes_and_values_raise(which, fn):
+  # softmax_with_gradients checks as linear_softmax_loss does (it once
+  # took a transposed W's class count for a bad label, and a NaN reg).
   args = {"W": np.zeros((5, 4), np.float32), "X": np.zeros((3, 5), np.float32),
-          "y": np.zeros(3, np.int32)}
+          "y": np.zeros(3, np.int32), "reg": 0.0}
+  if which == "reg":
+    for bad in (np.nan, np.inf):
+      with pytest.raises(ValueError, match="reg must be finite; got"):
+        getattr(js, fn)(args["W"], args["X"], args["y"], bad)
+    return
   args[which] = args[which].astype(np.float32 if which == "y" else np.int32)
   with pytest.raises(TypeError, match=which):
-    linear_softmax_loss(args["W"], args["X"], args["y"])
+    getattr(js, fn)(args["W"], args["X"], args["y"], args["reg"])
 
 
 def test_bad_option_arguments_raise():

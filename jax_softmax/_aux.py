@@ -67,7 +67,7 @@ def row_aux(z, target, counted, class_mask, hp: Hyper, *, int_labels: bool,
   entropy = -classes.sum(p * log_p)
   raw = z if class_mask is None else jnp.where(class_mask, z, NEG_INF)
   top = classes.argmax(raw)
-  want = target if int_labels else Classes(target.shape[-1]).argmax(target)
+  want = target if int_labels else classes.argmax(target)
   return LossAux(lse, entropy, top, counted & (top == want))
 
 
@@ -93,15 +93,21 @@ def aux_grad_capped(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
   zc, valid, log_p, _ = _log_probs(z, class_mask, hp, classes)
   p = jnp.where(valid, jnp.exp(log_p), 0.0)
   g = jnp.zeros_like(p)
-  used = jnp.zeros(p.shape[:1], bool)
   if g_lse is not None:
     g = g + g_lse[:, None] * p
-    used = used | (g_lse != 0)
   if g_ent is not None:
     g = g + _entropy_grad(p, log_p, aux.entropy, g_ent)
-    used = used | (g_ent != 0)
-  valid = valid & used[:, None]
+  valid = valid & used_rows(g_lse, g_ent, p.shape[0])[:, None]
   return zc, valid, jnp.where(valid, g, 0.0)
+
+
+def used_rows(g_lse, g_ent, rows: int):
+  """The ``(rows,)`` mask of rows with a nonzero aux cotangent (``g_lse``
+  or ``g_ent``; None is zero): the only rows the aux gradient reaches."""
+  used = jnp.zeros((rows,), bool)
+  for g_a in (g_lse, g_ent):
+    used = used if g_a is None else used | (g_a != 0)
+  return used
 
 
 def _entropy_grad(p, log_p, entropy, g_ent):

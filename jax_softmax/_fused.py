@@ -43,6 +43,7 @@ from jax_softmax._aux import (
   grad_stats_entropy,
   row_aux,
   stats_entropy,
+  used_rows,
 )
 from jax_softmax._chunks import (
   Config,
@@ -94,10 +95,8 @@ def _chunk_grads(cfg: Config, classes, z, chunk, hp: Hyper, st: RowStats,
     dz = dz + grad_aux(z, None, hp, aux, g_lse, g_ent, classes=classes)
   # The loss and an objective reach counted rows only; aux terms also the
   # rows with a nonzero aux cotangent. Others may hold NaN features.
-  keep = st.counted
-  if not objective:
-    for g_a in (g_lse, g_ent):
-      keep = keep if g_a is None else keep | (g_a != 0)
+  keep = st.counted if objective else st.counted | used_rows(
+      g_lse, g_ent, z.shape[0])
   # Rounded once, before both of its products (as on GPU and TPU).
   dz_w = dz.astype(ws.dtype)
   dx = _matmuls.grad_dx(dz_w, ws) if need.dx else None

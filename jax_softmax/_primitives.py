@@ -76,7 +76,7 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   m, _, e = shift_exp(xs, lax.stop_gradient(top))
   if b is not None:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
-    e = jnp.where(b != 0, bw, 0.0) * e
+    e = bw * e   # 0 where b == 0: there bw = 0 and e = exp(-inf) = 0
   # total = k + r, k the terms at the maximum (1 each without b): log k +
   # log1p(r / k) keeps a tiny r (logsumexp([0, -20]) = 2.06e-9, where
   # log(1 + r) rounds to 0).

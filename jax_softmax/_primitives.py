@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jax_softmax import _checks
 from jax_softmax._numerics import NEG_INF as _NEG_INF
@@ -331,6 +332,11 @@ def _lse_outputs(st: _Sums, dtype, axes, keepdims, return_sign):
 
 
 def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
+  # symbolic_zeros: each argument arrives as a CustomVJPPrimal, so d/db
+  # (whose b == 0 entries hold exp(a - lse) of any a, NaN included) is
+  # formed only when b is differentiated.
+  want_db = b is not None and b.perturbed
+  x, b, mask = (None if v is None else v.value for v in (x, b, mask))
   st = _sums(x, axes, mask, b)
   s = st.total
   # Gradients: NaN where the sum cancels to exactly 0 on a non-empty
@@ -340,27 +346,30 @@ def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
     bad = bad | (s < 0)
   p = _normalize(st.terms, s, bad)                              # d lse / d x
   q = None   # d lse / d b = exp(a - m) / s, b == 0 entries included
-  if b is not None:
+  if want_db:
     q = _normalize(shift_exp(st.xa, st.shift)[2], s, bad)
   res = (p.astype(x.dtype), None if q is None else q.astype(x.dtype))
   return _lse_outputs(st, x.dtype, axes, keepdims, return_sign), res
 
 
 def _logsumexp_bwd(axes, keepdims, return_sign, res, g):
+  p, q = res
   if return_sign:
     g = g[0]   # the sign is piecewise constant: no gradient
+  if isinstance(g, SymbolicZero):
+    g = jnp.zeros(g.shape, g.dtype)
   if not keepdims:
     g = jnp.expand_dims(g, axes)
   gc = g.astype(compute_dtype(g.dtype))
 
   def times_g(r):
-    return None if r is None else (r.astype(gc.dtype) * gc).astype(r.dtype)
+    return (r.astype(gc.dtype) * gc).astype(r.dtype)
 
-  p, q = res
-  return times_g(p), times_g(q), None
+  # q is None when b is absent or not differentiated (None: a zero).
+  return times_g(p), None if q is None else times_g(q), None
 
 
-_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd, symbolic_zeros=True)
 
 
 @overload
@@ -418,9 +427,9 @@ def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
     b: optional scale factors, broadcast with ``a`` (the result takes the
       broadcast shape and the common dtype). ``b_i = 0`` drops ``a_i`` from
       the sum even if it is ``+inf`` or NaN, as in ``jax.nn``; the gradient
-      with respect to that ``b_i`` is then ``+inf`` or NaN, and the backward
-      pass forms it (a NaN under ``jax_debug_nans``) even if only ``d/da``
-      is used.
+      with respect to that ``b_i`` is then ``+inf`` or NaN, formed only
+      when ``b`` is differentiated (``d/da`` alone forms no NaN, under
+      ``jax_debug_nans`` too).
     keepdims: keep the reduced axes with size 1.
     return_sign: return ``(lse, sign)`` with ``lse = log|s| + m`` and ``sign``
       in ``{-1, 0, 1}`` (NaN for a NaN slice); otherwise a negative sum gives

@@ -68,11 +68,17 @@ def init_distributed(args, parser) -> None:
   if not args.distributed and any(v is None for v in manual):
     parser.error("--coordinator-address, --num-processes and --process-id "
                  "go together")
-  if args.process_id is not None and args.process_id >= args.num_processes:
+  if (args.process_id is not None and args.num_processes is not None
+      and args.process_id >= args.num_processes):
     parser.error(f"--process-id {args.process_id} is not below "
                  f"--num-processes {args.num_processes}")
+  before = jax.config.jax_cpu_collectives_implementation
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(*manual)
+  try:
+    jax.distributed.initialize(*manual)
+  except ValueError as e:  # settings missing and no cluster detected
+    jax.config.update("jax_cpu_collectives_implementation", before)
+    parser.error(f"jax.distributed.initialize: {e}")
 
 
 # --------------------------------------------------------- host <-> mesh

@@ -47,7 +47,9 @@ What it guarantees:
   ``<name>.corrupt`` by a writer, kept for inspection and reported once.
   Pruning only counts checkpoints up to the step just saved. Files not
   named exactly ``<prefix>_<digits>.npz`` (``epoch_0001 (copy).npz``) are
-  ignored. ``Checkpoint.trees`` holds NumPy arrays; rebuild a pytree with
+  ignored, except another prefix's ``<other>_<digits>.npz``: another
+  program's run, which ``restore`` refuses. ``Checkpoint.trees`` holds
+  NumPy arrays; rebuild a pytree with
   ``jax.tree.unflatten(jax.tree.structure(template), leaves)``.
 * **Identity.** ``restore`` raises ``ConfigMismatch`` (a ``RunDirError``)
   when the verified checkpoint was written with another config, keys in
@@ -238,6 +240,7 @@ class RunDir:
     self.unwritable: str | None = "not opened"
     self._lock_fd: int | None = None
     self._pattern = re.compile(re.escape(prefix) + r"_(\d+)\.npz")
+    self._any_pattern = re.compile(r"(.+)_\d+\.npz")
 
   # ------------------------------------------------------------ lifetime
   def open(self) -> RunDir:
@@ -429,9 +432,18 @@ class RunDir:
     writer, renamed ``<name>.corrupt``). Raises ConfigMismatch if it holds
     other settings (``free`` keys aside), and RunDirError if its trees do
     not match templates (name -> leaves: count, shapes and dtypes), which
-    means that another program, or version, wrote it.
+    means that another program, or version, wrote it, or if the directory
+    holds checkpoints of another prefix (``<other>_<digits>.npz``: another
+    program's run, whose files this one's would overwrite).
     """
     self.skipped = []
+    with contextlib.suppress(FileNotFoundError):
+      for path in sorted(self.checkpoint_dir.iterdir()):
+        m = self._any_pattern.fullmatch(path.name)
+        if m and m[1] != self.prefix:
+          raise RunDirError(
+              f"it holds another program's checkpoints ({path.name}, not "
+              f"{self.prefix}_*.npz); use another directory")
     found = None
     for step, path in reversed(self.checkpoints()):
       try:

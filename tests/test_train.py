@@ -546,6 +546,25 @@ def test_rundir_saves_and_restores_any_trees(tmp_path):
     assert e.value.step == 300
 
 
+def test_another_programs_run_directory_is_refused(tmp_path, capsys):
+  """train_lm.py's checkpoints (step_*.npz) in --out: train.py would
+  write its own beside them and overwrite metrics.json and curves.png."""
+  with rundir.RunDir(tmp_path, {"steps": 2}, prefix="step") as run:
+    run.save(2, {"params": [np.ones(3, np.float32)]})
+  (tmp_path / "metrics.json").write_text("{}")
+  with pytest.raises(SystemExit) as e:
+    train.main([*SHORT, "--out", str(tmp_path)])
+  assert e.value.code == 2
+  assert "another program's checkpoints (step_00000002.npz" in (
+      one_error_line(capsys.readouterr().err))
+  assert (tmp_path / "metrics.json").read_text() == "{}"
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [
+      "step_00000002.npz"]
+  with rundir.RunDir(tmp_path, {"epochs": 4}, prefix="epoch") as run, \
+       pytest.raises(rundir.RunDirError, match="another program's"):
+    run.restore()
+
+
 @pytest.mark.parametrize("argv", [
     ["--model", "cnn"],
     ["--optimizer", "rmsprop"],
@@ -566,6 +585,22 @@ def test_bad_flags_exit_2(argv, tmp_path, capsys):
     train.main([*argv, "--out", str(tmp_path)])
   assert e.value.code == 2
   assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_lm.py"])
+def test_distributed_without_a_cluster_exits_2(script, tmp_path):
+  # --process-id alone once compared an int with None (a traceback);
+  # jax.distributed.initialize must be the process's first JAX call, so
+  # this runs in a fresh process.
+  done = subprocess.run(
+      [sys.executable, str(SCRIPTS / script), "--distributed",
+       "--process-id", "1", "--out", str(tmp_path / "run")],
+      env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"{script}: error: jax.distributed.initialize: "
+      "coordinator_address should be defined.")
+  assert not (tmp_path / "run").exists()
 
 
 def test_too_many_devices_message_counts_them(tmp_path, capsys):

@@ -110,7 +110,8 @@ def _is_int(dtype) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.integer)) and dtype != np.bool_
 
 
-def as_int_labels(labels, name: str = "labels"
+def as_int_labels(labels, name: str = "labels",
+                  ignore_index: int | None = None
                   ) -> tuple[jax.Array, np.ndarray | None]:
   """Integer labels as ``int32``, and their exact values when concrete.
 
@@ -118,8 +119,9 @@ def as_int_labels(labels, name: str = "labels"
   class count and ``ignore_index`` only after this conversion, so a narrow
   dtype (uint8 labels with 256 classes, int8 with 200) never sees a class
   count cast into it. Values outside the int32 range (int64 or uint32
-  labels) are clipped to it, which keeps them out of range (and distinct
-  from any ``ignore_index``); concrete ones are also returned unclipped so
+  labels) are clipped to it, which keeps them out of range, and one short
+  of an extreme that is ``ignore_index`` (a label of 2**33 must not become
+  ``ignore_index=2**31 - 1``); concrete ones are also returned unclipped so
   that :func:`check_labels` reports them before anything is converted.
 
   Raises:
@@ -129,13 +131,14 @@ def as_int_labels(labels, name: str = "labels"
   if not _is_int(dtype):
     raise TypeError(f"{name} must be integer class indices; got dtype "
                     f"{dtype}.")
+  lo = _INT32.min + (ignore_index == _INT32.min)
+  hi = _INT32.max - (ignore_index == _INT32.max)
   if is_concrete(labels):
     raw = np.asarray(labels)
-    return jnp.asarray(np.clip(raw, _INT32.min, _INT32.max).astype(
-        np.int32)), raw
+    return jnp.asarray(np.clip(raw, lo, hi).astype(np.int32)), raw
   if dtype.itemsize >= 4 and dtype != np.int32:
-    lo = _INT32.min if jnp.issubdtype(dtype, jnp.signedinteger) else 0
-    labels = jnp.clip(labels, lo, _INT32.max)
+    labels = jnp.clip(labels, lo if jnp.issubdtype(
+        dtype, jnp.signedinteger) else 0, hi)
   return labels.astype(jnp.int32), None
 
 
@@ -212,12 +215,12 @@ def int_label_rows(labels, batch_shape: tuple[int, ...], where,
   and not ``ignore_index``. Bad labels of counted rows (those also in
   ``has_class``, the rows a class mask leaves a class) raise
   (:func:`check_labels`)."""
-  labels, raw = as_int_labels(labels, name)
+  ignore_index = check_ignore_index(ignore_index)
+  labels, raw = as_int_labels(labels, name, ignore_index)
   if labels.shape != batch_shape:
     raise ValueError(
         f"integer {name} must have the logits' shape without the class "
         f"axis, {batch_shape}; got {labels.shape}.")
-  ignore_index = check_ignore_index(ignore_index)
   row = row_mask(where, batch_shape)
   if ignore_index is not None:
     row = row & (labels != ignore_index)

@@ -55,7 +55,7 @@ def _nll_bwd(reduction, res, g):
   d = jnp.where(nan_row[:, None], jnp.nan, d)
   d_w = None
   if hp.class_weights is not None:
-    d_w = jax.ops.segment_sum(-cot.xent * lp_y - cot.scale * cot.mean_xent,
+    d_w = jax.ops.segment_sum(mul0(cot.xent, -lp_y) - cot.scale * cot.mean_xent,
                               jnp.clip(y, 0, n - 1), num_segments=n)
     d_w = d_w.astype(hp.class_weights.dtype)
   return (d.astype(lp.dtype), None, None, None, Hyper(class_weights=d_w),

@@ -34,8 +34,11 @@ def shift_exp(x: jax.Array, top: jax.Array
   where it is finite and 0 elsewhere: an empty slice (``top = -inf``) gives
   ``exp = 0`` without forming ``-inf - -inf``, and a slice holding NaN or
   ``+inf`` keeps it in ``x - m`` (its sums are NaN or ``+inf``). Every
-  result built from ``x - m`` and a log of its sum is invariant to ``m``.
+  result built from ``x - m`` and a log of its sum is invariant to ``m``,
+  so ``m`` carries no gradient (differentiated twice in reverse mode, the
+  max's backward would turn a zero cotangent into NaN on a NaN row).
   """
+  top = lax.stop_gradient(top)
   m = jnp.where(jnp.isfinite(top), top, 0.0)
   shifted = x - m
   return m, shifted, jnp.exp(shifted)

@@ -39,7 +39,6 @@ from typing import Literal, NamedTuple, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jax_softmax import _checks
@@ -74,7 +73,7 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
   xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
   top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
-  m, _, e = shift_exp(xs, lax.stop_gradient(top))
+  m, _, e = shift_exp(xs, top)
   if b is not None:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
     e = bw * e   # 0 where b == 0: there bw = 0 and e = exp(-inf) = 0

@@ -677,3 +677,80 @@ def test_model_logits_cost_no_more_than_optax(batch, dtype):
   rows = math.prod(batch)
   assert ours <= theirs + rows * 64, (ours, theirs)
   assert ours < 2.5 * rows * v * 4, ours
+
+
+# --------------------------------------------------------------------------
+# The fourth review (2026-12-04)
+
+
+@pytest.mark.parametrize("ignore_index", [2**31 - 1, -(2**31)])
+def test_out_of_range_labels_never_become_an_extreme_ignore_index(
+    ignore_index):
+  # Labels beyond int32 are clipped to it; clipped onto an ignore_index at
+  # the int32 extreme they were silently ignored (a 0 loss, left out of
+  # the mean).
+  z = jnp.array([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+  far = np.array([0, 2**33 if ignore_index > 0 else -(2**40)])
+  for fn in (js.cross_entropy, js.nll_loss):
+    with pytest.raises(ValueError, match=f"label {far[1]} at position"):
+      fn(z, far, ignore_index=ignore_index)
+  # Traced uint32 labels (clipped inside jit): NaN for that row.
+  if ignore_index > 0:
+    y = jnp.array([0, 2**32 - 1], jnp.uint32)
+    got = jax.jit(lambda z, y: js.cross_entropy(
+        z, y, ignore_index=ignore_index, reduction="none"))(z, y)
+    np.testing.assert_allclose(got[0], ref.cross_entropy(
+        np.asarray(z[:1]), np.array([0]), reduction="none")[0], rtol=1e-6)
+    assert np.isnan(got[1])
+    err, _ = jax.jit(checkify.checkify(lambda z, y: js.cross_entropy(
+        z, y, ignore_index=ignore_index, check_labels=True)))(z, y)
+    with pytest.raises(checkify.JaxRuntimeError, match="outside"):
+      err.throw()
+
+
+@pytest.mark.parametrize("kw", [{"ignore_index": -100}, {"where": True}],
+                         ids=["ignore_index", "where"])
+def test_reverse_over_reverse_is_zero_on_an_uncounted_nan_row(kw):
+  # Twice reverse-mode: the row max's backward turned the zero cotangent of
+  # an uncounted NaN row into NaN (forward-over-reverse was right).
+  z = jnp.array([[2.0, 1.0, 0.5, 0.0], [np.nan, 0.3, 0.1, -1.0]])
+  y = jnp.array([0, -100 if "ignore_index" in kw else 1])
+  where = jnp.array([True, False]) if "where" in kw else None
+  v = jnp.array([[1.0, -2.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]])
+  p = np.exp(np.asarray(z[0], np.float64))
+  p /= p.sum()
+  want = np.zeros((2, 4))
+  want[0] = p * np.asarray(v[0]) - p * (p @ np.asarray(v[0]))  # H v, row 0
+  for loss in (lambda a: js.cross_entropy(a, y, where=where),
+               lambda a: js.log_prob_objective(a, y, lambda lp, h: -lp,
+                                               where=where)):
+    hvp = jax.grad(lambda a, f=loss: jnp.vdot(jax.grad(f)(a), v))(z)
+    np.testing.assert_allclose(hvp, want, rtol=1e-5, atol=1e-7)
+    assert not np.isnan(np.asarray(jax.jacrev(jax.grad(loss))(z))).any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_nll_class_weight_gradient_of_a_zero_weight_row_at_minus_inf(
+    reduction):
+  # weights = 0 on a row whose target log-probability is -inf: the row
+  # drops out of the loss, and d/d class_weights was 0 * -inf = NaN.
+  z = jnp.array([[-jnp.inf, 1.0, 0.0], [0.5, 0.2, 0.1]])
+  y, weights = jnp.array([0, 1]), jnp.array([0.0, 1.0])
+  cw = jnp.array([1.0, 2.0, 3.0])
+  lp = js.log_softmax(z)
+  got = jax.grad(lambda c: js.nll_loss(lp, y, weights=weights,
+                                       class_weights=c,
+                                       reduction=reduction))(cw)
+  nll1 = float(-np.asarray(lp, np.float64)[1, 1])
+  # mean: sum_i u_i c_yi nll_i / sum_i c_yi (the weights leave the
+  # denominator); only row 1 has a term.
+  if reduction == "sum":
+    want = [0.0, nll1, 0.0]
+  else:
+    den = 1.0 + 2.0
+    want = [-2.0 * nll1 / den**2, nll1 / den - 2.0 * nll1 / den**2, 0.0]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  same = jax.grad(lambda c: js.cross_entropy(z, y, weights=weights,
+                                             class_weights=c,
+                                             reduction=reduction))(cw)
+  np.testing.assert_allclose(got, same, rtol=1e-6)

@@ -34,7 +34,7 @@ def linear_cross_entropy(
     soft_cap: jax.typing.ArrayLike | None = None,
     grad_in_forward: bool | None = None,
     axis_name: str | None = None,
-    batch_axis_name: str | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     return_aux: bool = False,
     w_layout: str = "dv",
     weights: jax.typing.ArrayLike | None = None,
@@ -109,11 +109,14 @@ def linear_cross_entropy(
       collectives per chunk, never an all-gather; differentiated class
       weights with smoothing add a ``(V,)`` psum), smoothing and z-loss
       run over the global vocabulary, and ``dx`` is summed over the axis.
-      Gradients need ``check_vma=True`` (shard_map's default; an error
-      otherwise).
-    batch_axis_name: inside ``jax.shard_map``, the mesh axis splitting the
-      batch: ``"mean"``/``"sum"`` then reduce over the global batch (the
-      result is replicated) and ``dw`` is summed over it.
+      ``x`` and the labels must hold the same rows on every device of the
+      axis (not checked: a value typed as varying may be replicated, as
+      after ``lax.all_gather``). Gradients need ``check_vma=True``
+      (shard_map's default; an error otherwise).
+    batch_axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of
+      axes) splitting the batch: ``"mean"``/``"sum"`` then reduce over the
+      global batch (the result is replicated) and ``dw`` is summed over
+      it.
     return_aux: also return a :class:`LossAux` (per-row ``lse``,
       ``entropy``, ``argmax``, ``correct``), formed in the same pass over
       the chunks. When only the loss is differentiated the three-matmul

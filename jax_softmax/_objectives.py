@@ -104,7 +104,7 @@ def linear_log_prob_objective(
     chunk_size: int | None = None,
     w_layout: str = "dv",
     axis_name: str | None = None,
-    batch_axis_name: str | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   """:func:`log_prob_objective` of ``x @ w + bias`` without the logits.
   {fn}

@@ -38,7 +38,13 @@ class ShardedClasses(Classes):
     self.num_classes = n_local * lax.axis_size(name)
 
   def max(self, x):
-    return lax.pmax(jnp.max(x, axis=-1), self.name)
+    # pmax may skip NaN (XLA:CPU's does: a row of NaN logits on every shard
+    # came out -inf, and was dropped as empty). +inf stands for a NaN: the
+    # row is poisoned alike, and every result is invariant to the shift.
+    local = super().max(x)
+    if jnp.issubdtype(local.dtype, jnp.floating):
+      local = jnp.where(jnp.isnan(local), jnp.inf, local)
+    return lax.pmax(local, self.name)
 
   def sum(self, x):
     return lax.psum(jnp.sum(x, axis=-1), self.name)
@@ -59,11 +65,16 @@ class ShardedClasses(Classes):
                     self.name)
 
   def argmax(self, raw):
-    # The first global maximum: ties go to the lowest id.
+    # The first global maximum, ties to the lowest id; a NaN beats any
+    # number (jnp.argmax's order), so the first NaN where there is one.
+    # One pmax of (has a NaN, best number); pmax alone may skip NaN.
     best = jnp.max(raw, axis=-1)
-    top = jnp.where(best == lax.pmax(best, self.name),
-                    jnp.argmax(raw, axis=-1) + self.offset, self.num_classes)
-    return lax.pmin(top, self.name)
+    nan = jnp.isnan(best)
+    has_nan, top = lax.pmax(jnp.stack(
+        [nan.astype(best.dtype), jnp.where(nan, -jnp.inf, best)]), self.name)
+    here = jnp.where(has_nan > 0, nan, best == top)
+    return lax.pmin(jnp.where(here, jnp.argmax(raw, axis=-1) + self.offset,
+                              self.num_classes), self.name)
 
 
 def classes_of(n_local: int, axis_name: str | None) -> Classes:
@@ -133,19 +144,21 @@ def check_mesh_axes(axis_name, batch_axis_name, x, w, labels) -> bool:
   rows over ``batch_axis_name`` (else values would be wrong). Returns True
   when nothing is typed (``check_vma=False``): values are right there, but
   gradients are refused."""
-  name = axis_name if axis_name is not None else batch_axis_name
-  if name not in jax.sharding.get_abstract_mesh().manual_axes:
+  batch = (() if batch_axis_name is None else (batch_axis_name,)
+           if isinstance(batch_axis_name, str) else tuple(batch_axis_name))
+  names = batch if axis_name is None else (axis_name, *batch)
+  manual = jax.sharding.get_abstract_mesh().manual_axes
+  if not names or any(n not in manual for n in names):
     return False  # no shard_map axis (None, or e.g. vmap's axis_name)
-  probe = lax.pcast(jnp.zeros(()), (name,), to="varying")
-  if name not in _varying(probe):  # shard_map(..., check_vma=False)
+  probe = lax.pcast(jnp.zeros(()), names, to="varying")
+  if not set(names) <= _varying(probe):  # shard_map(..., check_vma=False)
     return True
   if axis_name is not None and axis_name not in _varying(w):
     raise ValueError(
         f"axis_name={axis_name!r}: w must be split on V over that mesh axis "
         f"(shard_map in_specs P(None, {axis_name!r}), or "
         f"P({axis_name!r}, None) with w_layout='vd').")
-  if (batch_axis_name is not None
-      and batch_axis_name not in _varying(x) | _varying(labels)):
+  if not set(batch) <= _varying(x) | _varying(labels):
     raise ValueError(
         f"batch_axis_name={batch_axis_name!r}: x and labels must be split "
         f"on the batch over that mesh axis (shard_map in_specs "

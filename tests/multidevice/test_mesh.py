@@ -456,3 +456,76 @@ def test_post_training_vocab_and_batch_parallel(kind, mesh, reduction,
   assert all(jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(want))
   assert all(jnp.any(g != 0) for g in jax.tree.leaves(want[1]))
   _check(_scalar(sharded, reduction, argnums), args, want)
+
+
+# The fourth review (2026-12-04).
+
+
+def test_vocab_parallel_nan_rows_and_argmax_match_one_device():
+  """XLA:CPU's pmax skips NaN: a row of NaN logits on every shard came out
+  -inf and was dropped (loss 0, left out of the mean), and the argmax of
+  a NaN row was another class (or V itself)."""
+  x, w, bias, y = _data()
+  x = x.at[2, 0].set(jnp.nan)                 # row 2: every logit NaN
+  w = w.at[:, 13].set(jnp.where(_ROWS[:D] < 4, w[:, 13], jnp.nan))
+  y = y.at[3].set(0)
+  mesh = _mesh((8,), ("model",))
+
+  def loss(x, w, axis_name=None, reduction="none"):
+    return js.linear_cross_entropy(x, w, y, axis_name=axis_name,
+                                   reduction=reduction, return_aux=True)
+
+  for reduction in REDUCTIONS:
+    sharded = jax.shard_map(
+        functools.partial(loss, axis_name="model", reduction=reduction),
+        mesh=mesh, in_specs=(P(), P(None, "model")), out_specs=P())
+    got = jax.jit(sharded)(x, w)
+    want = loss(x, w, reduction=reduction)
+    # Every row's logit 13 is NaN (a NaN column on shard 1), and row 2's
+    # every logit: the argmax is the first NaN, 13 (row 2: 0).
+    assert list(want[1].argmax) == [13, 13, 0] + [13] * (B - 3)
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  clean = x.at[2, 0].set(1.0)
+  w_row = w.at[:, 13].set(0.0)
+  w_row = w_row.at[0, 40:48].set(jnp.nan)     # shard 5: NaN where x[:, 0]
+  got = jax.jit(jax.shard_map(
+      functools.partial(loss, axis_name="model"), mesh=mesh,
+      in_specs=(P(), P(None, "model")), out_specs=P()))(clean, w_row)
+  want = loss(clean, w_row)
+  assert list(want[1].argmax) == [40] * B
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [True, False], ids=["vocab", "no_vocab"])
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_batch_split_over_a_tuple_of_axes(check_vma, vocab):
+  """batch_axis_name=("a", "b"): values and gradients as one device; with
+  check_vma=False the gradients are refused, as for one axis name (without
+  axis_name they were silently 4x too small)."""
+  x, w, bias, y = _data()
+  mesh = _mesh((2, 2, 2), ("a", "b", "model"))
+  rows = P(("a", "b"))
+  cols = P("model") if vocab else P()
+
+  def loss(x, w, bias, y, **names):
+    return js.linear_cross_entropy(x, w, y, bias=bias, ignore_index=-100,
+                                   **names)
+
+  sharded = jax.shard_map(
+      functools.partial(loss, axis_name="model" if vocab else None,
+                        batch_axis_name=("a", "b")),
+      mesh=mesh, check_vma=check_vma,
+      in_specs=(rows, P(None, *cols), cols, rows), out_specs=P())
+  want = jax.value_and_grad(loss, (0, 1, 2))(x, w, bias, y)
+  if not check_vma:
+    chex.assert_trees_all_close(jax.jit(sharded)(x, w, bias, y), want[0],
+                                rtol=2e-5)
+    with pytest.raises(ValueError, match="check_vma=True"):
+      jax.jit(jax.grad(sharded, 1))(x, w, bias, y)
+    return
+  got = jax.jit(jax.value_and_grad(sharded, (0, 1, 2)))(x, w, bias, y)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="must be split on the batch"):
+    jax.jit(jax.shard_map(
+        functools.partial(loss, batch_axis_name=("a", "b")), mesh=mesh,
+        in_specs=(P("a"), P(), P(), P("a")), out_specs=P()))(x, w, bias, y)

@@ -321,6 +321,25 @@ def objective_args(fn_args, batch_shape: tuple[int, ...]) -> tuple:
   return tuple(out)
 
 
+def objective_closure(fn, fn_args: tuple, batch_shape: tuple[int, ...],
+                      dtype) -> None:
+  """Raises if the fused objective ``fn`` closes over a traced value: the
+  fused loss holds ``fn`` in its custom gradient, which cannot carry it
+  (JAX's own error was an internal ``TypeError``)."""
+  n = math.prod(batch_shape)
+  rows = jax.ShapeDtypeStruct((n,), dtype)
+  args = [jax.ShapeDtypeStruct((n,) + a.shape[len(batch_shape):], a.dtype)
+          for a in fn_args]
+  consts = jax.make_jaxpr(fn)(rows, rows, *args).consts
+  if any(isinstance(c, jax.core.Tracer) for c in consts):
+    raise ValueError(
+        "the objective fn closes over a traced value (an array of an "
+        "enclosing jax.jit, grad or vmap), which the fused objective's "
+        "custom gradient cannot carry: pass it through fn_args as a "
+        "per-row array, e.g. jnp.full(labels.shape, coef) (its gradient "
+        "then comes from the same pass), or use log_prob_objective.")
+
+
 def class_weights(weights, num_classes: int, dtype) -> jax.Array:
   """``(num_classes,)`` floating class weights, in at least ``dtype``."""
   cw = as_float_array(weights, "class_weights")

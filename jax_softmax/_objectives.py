@@ -119,6 +119,14 @@ def linear_log_prob_objective(
   vocabulary-parallel as :func:`linear_cross_entropy` (entropy and
   log-probabilities over the global vocabulary).
 
+  ``fn`` is a static part of the compiled program (as a function passed to
+  ``jax.jit`` is): a global it reads is read when it is first traced, and
+  it may not close over a traced value (an array of an enclosing
+  ``jax.jit``, ``grad`` or ``vmap``: a ``ValueError``); pass such values
+  through ``fn_args`` as per-row arrays (``jnp.full(labels.shape, c)``),
+  which also gives their gradient. :func:`log_prob_objective` has neither
+  limit.
+
   Args:
     x, w, labels, bias, where, ignore_index: as in
       :func:`linear_cross_entropy`.

@@ -830,3 +830,40 @@ def test_objective_costs_one_block_more_than_the_loss(dtype):
   loss_temp = temp(lambda x, w, y, a: js.linear_cross_entropy(
       x, w, y, chunk_size=chunk))
   assert ppo_temp <= loss_temp + 4 * chunk * v + 64 * b, (ppo_temp, loss_temp)
+
+
+def test_fused_objective_closing_over_a_traced_value():
+  """An fn that closes over a traced coefficient (a train step's KL or
+  entropy coefficient) raised an internal TypeError; it is now a clear
+  error, and the coefficient passed through fn_args gives the value and
+  gradient of log_prob_objective's closure."""
+  x, emb, bias, y, adv, _ = _data()
+  z = _linear_logits(x, emb, bias, "vd")
+
+  def fused(x, emb, coef):
+    return js.linear_log_prob_objective(
+        x, emb, y, lambda lp, h: -lp * adv - coef * h, bias=bias,
+        w_layout="vd")
+
+  for wrap in (jax.jit, lambda f: jax.grad(f, 2)):
+    with pytest.raises(ValueError, match="closes over a traced value"):
+      wrap(fused)(x, emb, 0.1)
+  with pytest.raises(ValueError, match="closes over a traced value"):
+    jax.vmap(fused, (None, None, 0))(x, emb, jnp.array([0.1, 0.2]))
+
+  def via_args(x, emb, coef):
+    return js.linear_log_prob_objective(
+        x, emb, y, lambda lp, h, c: -lp * adv - c * h,
+        (jnp.full(y.shape, coef),), bias=bias, w_layout="vd")
+
+  def closure(z, coef):
+    return js.log_prob_objective(z, y, lambda lp, h: -lp * adv - coef * h)
+
+  got = jax.jit(jax.value_and_grad(via_args, (0, 2)))(x, emb, 0.1)
+  want = jax.value_and_grad(
+      lambda x, c: closure(_linear_logits(x, emb, bias, "vd"), c),
+      (0, 1))(x, 0.1)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  assert abs(float(got[1][1])) > 1e-3
+  # A concrete closure (a Python float) is fine.
+  np.testing.assert_allclose(fused(x, emb, 0.1), closure(z, 0.1), rtol=1e-6)

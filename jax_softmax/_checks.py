@@ -293,14 +293,14 @@ def row_mask(where, batch_shape: tuple[int, ...]) -> jax.Array:
 def row_weights(weights, batch_shape: tuple[int, ...], dtype,
                 flat: bool = True) -> jax.Array | None:
   """Per-row floating ``weights`` of the batch shape (flattened to rows
-  with ``flat``), in at least ``dtype`` (None for None)."""
+  with ``flat``), in ``dtype`` (None for None)."""
   if weights is None:
     return None
   v = as_float_array(weights, "weights")
   if v.shape != batch_shape:
     raise ValueError(f"weights must have the labels' shape {batch_shape}; "
                      f"got {v.shape}.")
-  v = v.astype(jnp.result_type(v.dtype, dtype))
+  v = v.astype(dtype)   # the loss keeps the logits' compute dtype
   return v.reshape(-1) if flat else v
 
 
@@ -341,12 +341,12 @@ def objective_closure(fn, fn_args: tuple, batch_shape: tuple[int, ...],
 
 
 def class_weights(weights, num_classes: int, dtype) -> jax.Array:
-  """``(num_classes,)`` floating class weights, in at least ``dtype``."""
+  """``(num_classes,)`` floating class weights, in ``dtype``."""
   cw = as_float_array(weights, "class_weights")
   if cw.shape != (num_classes,):
     raise ValueError(f"class_weights must have shape ({num_classes},); got "
                      f"{cw.shape}.")
-  return cw.astype(jnp.result_type(cw.dtype, dtype))
+  return cw.astype(dtype)   # the loss keeps the logits' compute dtype
 
 
 def linear_inputs(x, w, w_layout: str, names: tuple[str, str] = ("x", "w")

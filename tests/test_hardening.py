@@ -754,3 +754,25 @@ def test_nll_class_weight_gradient_of_a_zero_weight_row_at_minus_inf(
                                              class_weights=c,
                                              reduction=reduction))(cw)
   np.testing.assert_allclose(got, same, rtol=1e-6)
+
+
+def test_float64_weights_keep_the_float32_loss():
+  # Under x64, float64 class weights made the loss float64 (the docs: the
+  # loss has dtype result_type(logits, float32)); the gradients keep the
+  # weights' dtype.
+  z = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]], np.float32)
+  y = np.array([0, 2])
+  want = ref.cross_entropy(z, y, class_weights=np.array([1.0, 2.0, 3.0]))
+  with jax.enable_x64(True):
+    cw = jnp.array([1.0, 2.0, 3.0], jnp.float64)
+    w = jnp.array([1.0, 1.0], jnp.float64)
+    for f in (
+        lambda c, w: js.cross_entropy(z, y, class_weights=c, weights=w),
+        lambda c, w: js.nll_loss(js.log_softmax(z), y, class_weights=c,
+                                 weights=w),
+        lambda c, w: js.linear_cross_entropy(
+            z, np.eye(3, dtype=np.float32), y, class_weights=c, weights=w)):
+      v, (dc, dw) = jax.value_and_grad(f, (0, 1))(cw, w)
+      assert (v.dtype, dc.dtype, dw.dtype) == (jnp.float32, jnp.float64,
+                                               jnp.float64)
+      np.testing.assert_allclose(v, want, rtol=1e-6)

@@ -7,7 +7,6 @@ label smoothing, z-loss, soft cap, class weights and temperature. Under
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jax_softmax._aux import LossAux, aux_grad_capped
@@ -16,6 +15,7 @@ from jax_softmax._kernel import (
   Hyper,
   RowCotangents,
   RowStats,
+  class_sum,
   grad_capped,
   label_weights,
   probs,
@@ -23,7 +23,7 @@ from jax_softmax._kernel import (
   smoothed_target,
   weighted,
 )
-from jax_softmax._numerics import NEG_INF, div_scalar, mul0
+from jax_softmax._numerics import NEG_INF, div_scalar, mul0, sharded_like
 
 
 def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
@@ -108,14 +108,14 @@ def _class_weight_grad(nll, nll_y, target, valid, rows, hp, st,
   k = st.support_size
   if nll_y is None:
     q = smoothed_target(target, valid, k, eps)
-    return jnp.sum(rows[:, None] * mul0(q, nll), 0)
+    return sharded_like(jnp.sum(rows[:, None] * mul0(q, nll), 0),
+                        hp.class_weights)
   keep = 1.0 if eps is None else 1 - eps
   per_y = rows * keep * nll_y - jnp.where(st.counted, cot.scale, 0.0) * (
       cot.mean_xent)
   n = classes.num_classes
-  d_w = jax.ops.segment_sum(per_y, jnp.clip(target, 0, n - 1),
-                            num_segments=n)
+  d_w = class_sum(per_y, jnp.clip(target, 0, n - 1), hp.class_weights)
   if eps is not None:
-    d_w = d_w + classes.scatter(jnp.sum(rows[:, None] * eps * nll /
-                                        k[:, None], 0))
+    d_w = d_w + sharded_like(classes.scatter(jnp.sum(
+        rows[:, None] * eps * nll / k[:, None], 0)), hp.class_weights)
   return d_w

@@ -32,8 +32,11 @@ from jax_softmax._numerics import (
   clean_rows,
   compute_dtype,
   div_scalar,
+  explicit_spec,
   log_of_sum,
   mul0,
+  rows_sharding,
+  sharded_like,
   shift_exp,
   soft_cap,
 )
@@ -113,8 +116,7 @@ class Classes:
   def take(self, a, y):
     """``a[row, y[row]]`` for global ids ``y`` (0 for out-of-range ids)."""
     local = y - self.offset
-    v = jnp.take_along_axis(
-        a, jnp.clip(local, 0, self.n_local - 1)[:, None], -1)[:, 0]
+    v = take_rows(a, jnp.clip(local, 0, self.n_local - 1))
     return self.sum(jnp.where((local >= 0) & (local < self.n_local), v,
                               0.0)[:, None])
 
@@ -156,7 +158,32 @@ def label_weights(y, hp: Hyper, num_classes: int, dtype):
   one = jnp.ones(y.shape, dtype)
   if hp.class_weights is None:
     return one
-  return one * hp.class_weights[jnp.clip(y, 0, num_classes - 1)]
+  return one * hp.class_weights.at[jnp.clip(y, 0, num_classes - 1)].get(
+      out_sharding=rows_sharding(y))
+
+
+def take_rows(a, idx):
+  """``a[i, idx[i]]`` of a ``(rows, C)`` array, ``idx`` in range. On a
+  mesh with Explicit axes ``idx`` takes ``a``'s row sharding (each device
+  gathers its own rows), and classes split over devices are picked by a
+  masked sum (a ``psum`` of ``(rows,)``, not a gather of indices)."""
+  spec = explicit_spec(a)
+  if spec is not None:
+    idx = jax.reshard(idx, rows_sharding(a))
+    if len(spec) > 1 and spec[1] is not None:
+      pick = jnp.arange(a.shape[1])[None, :] == idx[:, None]
+      if a.dtype == jnp.bool_:
+        return jnp.any(pick & a, axis=-1)
+      return jnp.sum(jnp.where(pick, a, jnp.zeros((), a.dtype)), axis=-1)
+  return jnp.take_along_axis(a, idx[:, None], -1)[:, 0]
+
+
+def class_sum(values, y, like):
+  """``d[c] = sum of values[i] over the rows with y[i] = c``, in the dtype
+  and sharding of ``like`` (the ``(C,)`` class weights; ``y`` in range)."""
+  d = jnp.zeros(like.shape, values.dtype)
+  return sharded_like(d.at[y].add(values, out_sharding=rows_sharding(d)),
+                      like).astype(like.dtype)
 
 
 class RowStats(NamedTuple):

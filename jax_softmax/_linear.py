@@ -164,7 +164,9 @@ def softmax_with_gradients(
   # computation (concrete labels and reg; the seed's contract: every
   # label in [0, c), no ignore_index).
   _checked(W, X, y, reg, None, None)
-  return _value_and_grad(W, X, _checks.as_int_labels(y, "y")[0], reg)
+  # An array W (a nested list would give dW as a list of the same shape).
+  return _value_and_grad(jnp.asarray(W), X,
+                         _checks.as_int_labels(y, "y")[0], reg)
 
 
 _value_and_grad = jax.jit(jax.value_and_grad(

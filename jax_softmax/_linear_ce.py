@@ -188,9 +188,12 @@ def fused_call(caller, x, w, labels, *, reduction, chunk_size, w_layout,
                objective=objective)
   lead = None
   if axis_name is None and batch_axis_name is None:
-    lead = _sharded.explicit_batch_spec(x, w, bias)
+    lead = _sharded.explicit_batch_spec(x)
   if lead is None:
     return local_loss(cfg, x, w, bias, labels, row, hp, rows)
+  if all(e is None for e in lead):  # Explicit axes, the batch not split
+    return local_loss(cfg, *_sharded.replicated(
+        (x, w, bias, labels, row, hp, rows)))
   # Explicit mesh axes shard the batch: each device runs the chunk loop on
   # its own rows, reductions psum over those axes.
   return _sharded.map_explicit_batch(

@@ -25,8 +25,9 @@ from jax_softmax._kernel import (
   grad_target,
   make_hyper,
   row_stats,
+  take_rows,
 )
-from jax_softmax._numerics import clean_rows, compute_dtype
+from jax_softmax._numerics import clean_rows, compute_dtype, sharded_like
 from jax_softmax._primitives import logsumexp
 from jax_softmax._reduce import (
   reduce_rows,
@@ -100,24 +101,27 @@ def _cross_entropy_bwd(cfg: _Config, res: _Residuals, g):
                        classes=classes)
   dt = None
   if not cfg.int_labels:
-    dt = grad_target(z, class_mask, hp, st, cot).astype(target.dtype)
+    dt = sharded_like(grad_target(z, class_mask, hp, st, cot),
+                      target).astype(target.dtype)
   dhp = grad_hyper(z, target, class_mask, hp, st, cot,
                    int_labels=cfg.int_labels, classes=classes, dz=dz,
                    aux=res.aux, aux_cot=(g_lse, g_ent))
-  return (_one_buffer(dz.astype(z.dtype)), dt, None, None, dhp,
+  return (_one_buffer(dz.astype(z.dtype), z), dt, None, None, dhp,
           weight_grad(st, cot, res.weights))
 
 
-def _one_buffer(dz):
-  """``dz`` made once, as one buffer. XLA fuses an elementwise ``dz`` into
-  each of its consumers: for ``(B, T, V)`` logits from a matmul the weight
-  gradient's dot reads a transposed copy of ``dz``, which would recompute
-  ``dz`` and keep the residuals alive beside both (1.5 times optax's
-  memory). A scatter is not fused into its consumers; this one multiplies
-  one entry per row by 1 (NaN, infinities and signed zeros unchanged)."""
+def _one_buffer(dz, z):
+  """``dz`` made once, as one buffer, in the sharding of the logits ``z``
+  (on Explicit mesh axes JAX may infer another for ``dz``). XLA fuses an
+  elementwise ``dz`` into each of its consumers: for ``(B, T, V)`` logits
+  from a matmul the weight gradient's dot reads a transposed copy of
+  ``dz``, which would recompute ``dz`` and keep the residuals alive beside
+  both (1.5 times optax's memory). A scatter is not fused into its
+  consumers; this one multiplies one entry per row by 1 (NaN, infinities
+  and signed zeros unchanged)."""
   if not dz.size:
     return dz
-  return dz.at[:, 0].multiply(1, out_sharding=jax.typeof(dz).sharding)
+  return dz.at[:, 0].multiply(1, out_sharding=jax.typeof(z).sharding)
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd,
@@ -289,12 +293,10 @@ def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
   if cmask is not None and r.int_labels:
     n = z.shape[-1]
     in_range = (target >= 0) & (target < n)
-    y = jnp.clip(target, 0, n - 1)[:, None]
-    masked = in_range & ~jnp.take_along_axis(cmask, y, -1)[:, 0] & (
-        jnp.any(cmask, axis=-1))
+    y = jnp.clip(target, 0, n - 1)
+    masked = in_range & ~take_rows(cmask, y) & jnp.any(cmask, axis=-1)
     zf = z.astype(out.dtype)   # the loss's dtype (float32 for halves)
-    raw = logsumexp(zf, axis=-1, where=cmask) - jnp.take_along_axis(
-        zf, y, -1)[:, 0]
+    raw = logsumexp(zf, axis=-1, where=cmask) - take_rows(zf, y)
     out = jnp.where(masked & r.row_mask, raw.astype(out.dtype), out)
   return out.reshape(r.batch_shape)
 

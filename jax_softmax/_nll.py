@@ -8,8 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from jax_softmax import _checks
-from jax_softmax._kernel import Hyper, label_weights, make_hyper
-from jax_softmax._numerics import NEG_INF, compute_dtype, mul0
+from jax_softmax._kernel import (
+  Hyper,
+  class_sum,
+  label_weights,
+  make_hyper,
+  take_rows,
+)
+from jax_softmax._numerics import NEG_INF, compute_dtype, mul0, sharded_like
 from jax_softmax._reduce import (
   reduce_rows,
   row_cotangents,
@@ -28,11 +34,9 @@ def _nll_fwd(reduction, lp, y, row, class_mask, hp, weights):
   yc = jnp.clip(y, 0, n - 1)
   counted = row if class_mask is None else row & jnp.any(class_mask, -1)
   bad = counted & ((y < 0) | (y >= n))
-  lp_y = jnp.take_along_axis(lp, yc[:, None], axis=-1)[:, 0]
-  lp_y = lp_y.astype(compute_dtype(lp.dtype))
+  lp_y = take_rows(lp, yc).astype(compute_dtype(lp.dtype))
   if class_mask is not None:
-    lp_y = jnp.where(jnp.take_along_axis(class_mask, yc[:, None], -1)[:, 0],
-                     lp_y, NEG_INF)
+    lp_y = jnp.where(take_rows(class_mask, yc), lp_y, NEG_INF)
   # Uncounted rows may hold anything: their lp_y reaches no gradient.
   lp_y = jnp.where(counted, lp_y, 0.0)
   w_y = label_weights(y, hp, n, lp_y.dtype)
@@ -55,10 +59,10 @@ def _nll_bwd(reduction, res, g):
   d = jnp.where(nan_row[:, None], jnp.nan, d)
   d_w = None
   if hp.class_weights is not None:
-    d_w = jax.ops.segment_sum(mul0(cot.xent, -lp_y) - cot.scale * cot.mean_xent,
-                              jnp.clip(y, 0, n - 1), num_segments=n)
-    d_w = d_w.astype(hp.class_weights.dtype)
-  return (d.astype(lp.dtype), None, None, None, Hyper(class_weights=d_w),
+    d_w = class_sum(mul0(cot.xent, -lp_y) - cot.scale * cot.mean_xent,
+                    jnp.clip(y, 0, n - 1), hp.class_weights)
+  return (sharded_like(d.astype(lp.dtype), lp), None, None, None,
+          Hyper(class_weights=d_w),
           weight_grad(st, cot, weights))
 
 

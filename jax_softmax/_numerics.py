@@ -8,6 +8,9 @@
   ``-inf`` stays ``-inf`` under the cap).
 * :class:`MatmulPolicy`: what the backend's matmuls want (operand dtype,
   plain row-major products), one explicit object that tests can set.
+* :func:`explicit_spec`, :func:`sharded_like`, :func:`rows_sharding`: the
+  shardings that JAX cannot infer on a mesh with Explicit axes (a
+  cotangent's, a gather's).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 NEG_INF = -jnp.inf
 
@@ -139,3 +143,25 @@ def matmul_policy(dtype, vocab_major: bool = False,
     return MatmulPolicy(upcast=False, plain_dw=True, plain_w=True)
   return MatmulPolicy(upcast=jnp.dtype(dtype).itemsize < 4,
                       plain_dw=not vocab_major, plain_w=False)
+
+
+def explicit_spec(a):
+  """``a``'s PartitionSpec on a mesh with Explicit axes, None elsewhere
+  (off any mesh, Auto axes, inside ``shard_map``)."""
+  s = jax.typeof(a).sharding
+  return s.spec if jax.sharding.AxisType.Explicit in s.mesh.axis_types else None
+
+
+def sharded_like(a, ref):
+  """``a`` in the sharding of ``ref`` on a mesh with Explicit axes (a
+  cotangent must have its primal's), unchanged elsewhere."""
+  spec = explicit_spec(ref)
+  return a if spec is None else jax.reshard(a, spec)
+
+
+def rows_sharding(like):
+  """A gather's ``out_sharding`` for a ``(rows,)`` result: ``like``'s row
+  sharding on a mesh with Explicit axes (where JAX cannot infer it),
+  None elsewhere."""
+  spec = explicit_spec(like)
+  return None if spec is None else P(spec[0] if spec else None)

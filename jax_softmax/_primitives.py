@@ -43,7 +43,12 @@ from jax.custom_derivatives import SymbolicZero
 
 from jax_softmax import _checks
 from jax_softmax._numerics import NEG_INF as _NEG_INF
-from jax_softmax._numerics import compute_dtype, log_of_sum, shift_exp
+from jax_softmax._numerics import (
+  compute_dtype,
+  log_of_sum,
+  sharded_like,
+  shift_exp,
+)
 
 Axis = int | tuple[int, ...] | None
 
@@ -53,7 +58,7 @@ class _Sums(NamedTuple):
 
   xa: jax.Array     # x, -inf where ``where`` is False (b == 0 entries kept)
   xs: jax.Array     # x, -inf off the entries summed (masked, b == 0)
-  shift: jax.Array  # m: max of xs, 0 where that is not finite
+  shift: jax.Array  # m: max of xs + log|b|, 0 where that is not finite
   empty: jax.Array  # bool: the support is empty (max of xs is -inf)
   terms: jax.Array  # the summands: b * exp(xs - m), 0 off the support
   total: jax.Array  # the sum of the terms
@@ -62,7 +67,8 @@ class _Sums(NamedTuple):
 
 def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
           b: jax.Array | None = None) -> _Sums:
-  """``s = sum b exp(x - m)`` over ``axes`` (see :class:`_Sums`).
+  """``s = sum b exp(x - m)`` over ``axes`` (see :class:`_Sums`), ``m``
+  the maximum of ``x + log|b|`` over the support.
 
   Masking happens before the cast to the compute dtype and every product
   has both factors zeroed off the sum, so masked entries (and ``b == 0``
@@ -71,16 +77,20 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   """
   cdt = compute_dtype(x.dtype)
   xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
-  xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
-  top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
-  m, _, e = shift_exp(xs, top)
+  xs = ys = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
   if b is not None:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
-    e = bw * e   # 0 where b == 0: there bw = 0 and e = exp(-inf) = 0
-  # total = k + r, k the terms at the maximum (1 each without b): log k +
+    # The shift is max(a + log|b|): a huge or tiny b neither overflows
+    # nor underflows the terms sign(b) exp(a + log|b| - m) (b == 0: -inf).
+    ys = xs + jnp.log(jnp.abs(bw))
+  top = jnp.max(ys, axis=axes, keepdims=True, initial=_NEG_INF)
+  m, _, e = shift_exp(ys, top)
+  if b is not None:
+    e = jnp.sign(bw) * e   # 0 where b == 0: e = exp(-inf) = 0 there
+  # total = k + r, k the terms at the maximum (+-1 each): log k +
   # log1p(r / k) keeps a tiny r (logsumexp([0, -20]) = 2.06e-9, where
   # log(1 + r) rounds to 0).
-  at_top = xs == m
+  at_top = ys == m
   k = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
   r = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
   return _Sums(xa=xa, xs=xs, shift=m, empty=top == _NEG_INF, terms=e,
@@ -185,7 +195,7 @@ def _softmax_bwd(axes, y, g):
   yc = y.astype(compute_dtype(y.dtype))
   gc = g.astype(yc.dtype)
   dx = yc * (gc - jnp.sum(gc * yc, axis=axes, keepdims=True))
-  return dx.astype(y.dtype), None
+  return sharded_like(dx.astype(y.dtype), y), None
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
@@ -257,7 +267,8 @@ def _log_softmax_bwd(axes, res, g):
   support = rc != _NEG_INF
   gc = jnp.where(support, g.astype(rc.dtype), 0.0)
   dx = gc - jnp.exp(rc) * jnp.sum(gc, axis=axes, keepdims=True)
-  return jnp.where(support, dx, 0.0).astype(res.dtype), None
+  return sharded_like(jnp.where(support, dx, 0.0).astype(res.dtype),
+                      res), None
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
@@ -347,7 +358,10 @@ def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
   q = None   # d lse / d b = exp(a - m) / s, b == 0 entries included
   if want_db:
     q = _normalize(shift_exp(st.xa, st.shift)[2], s, bad)
-  res = (p.astype(x.dtype), None if q is None else q.astype(x.dtype))
+  # In the inputs' shardings (on Explicit mesh axes p and q may have
+  # another), as their gradients must be.
+  res = (sharded_like(p.astype(x.dtype), x),
+         None if q is None else sharded_like(q.astype(x.dtype), b))
   return _lse_outputs(st, x.dtype, axes, keepdims, return_sign), res
 
 
@@ -362,7 +376,7 @@ def _logsumexp_bwd(axes, keepdims, return_sign, res, g):
   gc = g.astype(compute_dtype(g.dtype))
 
   def times_g(r):
-    return (r.astype(gc.dtype) * gc).astype(r.dtype)
+    return sharded_like((r.astype(gc.dtype) * gc).astype(r.dtype), r)
 
   # q is None when b is absent or not differentiated (None: a zero).
   return times_g(p), None if q is None else times_g(q), None
@@ -404,7 +418,7 @@ def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
 
   .. math::
     \mathrm{lse} = m + \log |s|, \qquad s = \sum_{i \in S} b_i \exp(a_i - m),
-    \qquad m = \max_{i \in S} a_i
+    \qquad m = \max_{i \in S} (a_i + \log |b_i|)
 
   over the support ``S`` (``where`` True, ``b_i != 0``, ``a_i > -inf``).
   Gradients, with :math:`\sigma = \mathrm{sign}(s)`:
@@ -442,8 +456,8 @@ def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
     where ``s`` cancels to exactly 0; ``+inf`` (sign ``+-1``) with NaN
     gradients if the support holds ``+inf`` (NaN without ``return_sign`` if
     the sum is ``-inf``); NaN if it holds NaN. The backward keeps
-    ``d lse / d a`` (and ``d lse / d b`` when ``b`` is given), each of the
-    broadcast shape.
+    ``d lse / d a`` (and ``d lse / d b`` when ``b`` is differentiated),
+    each of the broadcast shape.
 
   Examples:
     >>> import jax.numpy as jnp

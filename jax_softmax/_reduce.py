@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax._kernel import Hyper, RowCotangents, RowStats
-from jax_softmax._numerics import clean_rows, mul0
+from jax_softmax._numerics import clean_rows, mul0, sharded_like
 from jax_softmax._sharded import BatchAxes, batch_sum
 
 
@@ -93,8 +93,8 @@ def weight_grad(st: RowStats, cot: RowCotangents, weights):
   the reduction's scale (None without weights)."""
   if weights is None:
     return None
-  return jnp.where(st.counted, cot.scale * st.xent, 0.0).astype(
-      weights.dtype)
+  return sharded_like(jnp.where(st.counted, cot.scale * st.xent, 0.0),
+                      weights).astype(weights.dtype)
 
 
 class PerRow(NamedTuple):

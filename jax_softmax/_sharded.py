@@ -166,17 +166,20 @@ def check_mesh_axes(axis_name, batch_axis_name, x, w, labels) -> bool:
   return False
 
 
-def explicit_batch_spec(x, w, bias):
-  """The batch dims' spec when Explicit mesh axes shard ``x``'s batch and
-  ``w``/``bias`` are replicated, else None."""
+def explicit_batch_spec(x):
+  """On a mesh with Explicit axes (``jax.set_mesh``, no ``shard_map``):
+  the spec of ``x``'s batch dims (all None when the batch is not split);
+  None on other meshes and off any mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
   spec = tuple(jax.typeof(x).sharding.spec)
-  spec += (None,) * (x.ndim - len(spec))
-  lead = spec[:-1]
-  replicated = all(all(e is None for e in jax.typeof(a).sharding.spec)
-                   for a in (w, bias) if a is not None)
-  if spec[-1] is None and replicated and any(e is not None for e in lead):
-    return lead
-  return None
+  return (spec + (None,) * (x.ndim - len(spec)))[:-1]
+
+
+def replicated(tree):
+  """Every array of ``tree`` resharded to replicated (Explicit axes)."""
+  return jax.tree.map(lambda a: jax.reshard(a, P()), tree)
 
 
 def map_explicit_batch(local: Callable, lead, x, w, bias, labels, row, hp,
@@ -187,7 +190,9 @@ def map_explicit_batch(local: Callable, lead, x, w, bias, labels, row, hp,
   over Explicit mesh axes (``shard_map``; no all-gather of ``x``):
   ``local`` reduces over the returned ``batch_axes``. ``per_row_inputs``
   is a pytree of arrays of the batch shape (and trailing dims); ``per_row``:
-  the loss has the batch shape."""
+  the loss has the batch shape. The other inputs are resharded to that
+  layout: ``w``, ``bias`` and ``hp`` replicated (a ``w`` split over the
+  vocabulary is gathered), the per-row ones split as the batch."""
   axes = tuple(a for entry in lead if entry is not None
                for a in ((entry,) if isinstance(entry, str) else entry))
   rows = P(*lead)
@@ -198,6 +203,7 @@ def map_explicit_batch(local: Callable, lead, x, w, bias, labels, row, hp,
       lambda *args: local(axes, *args), mesh=jax.typeof(x).sharding.mesh,
       in_specs=(P(*lead, None), P(), P(), rows, rows, P(), rows),
       out_specs=out_specs)
-  return mapped(x, w, bias, jax.reshard(labels, rows),
-                jax.reshard(row, rows), hp,
+  return mapped(jax.reshard(x, P(*lead, None)), *replicated((w, bias)),
+                jax.reshard(labels, rows), jax.reshard(row, rows),
+                replicated(hp),
                 jax.tree.map(lambda a: jax.reshard(a, rows), per_row_inputs))

@@ -816,3 +816,24 @@ def test_digits_lbfgs_matches_sklearn():
   assert ours <= theirs + 1e-12, (ours, theirs)
   # strictly convex: one minimiser
   np.testing.assert_allclose(w, clf.coef_.T, atol=1e-5)
+
+
+def test_nested_list_inputs_give_arrays():
+  # The seed's inputs as nested lists: dW came back as a list of lists of
+  # scalars (W's pytree), not an array of W's shape.
+  W, X, y = [[0.5, -0.5], [0.0, 1.0]], [[1.0, 2.0], [3.0, -1.0]], [0, 1]
+  loss, dW = softmax_with_gradients(W, X, y, 0.1)
+  want_loss, want_dW = softmax_with_gradients(np.array(W, np.float32),
+                                              np.array(X, np.float32),
+                                              np.array(y), 0.1)
+  assert isinstance(dW, jax.Array) and dW.shape == (2, 2)
+  np.testing.assert_array_equal(dW, want_dW)
+  np.testing.assert_array_equal(loss, want_loss)
+  # float64 reference of the seed's math: mean NLL + reg * sum(W ** 2).
+  Wn, Xn = np.array(W), np.array(X)
+  z = Xn @ Wn
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  onehot = np.eye(2)[y]
+  np.testing.assert_allclose(dW, Xn.T @ (p - onehot) / 2 + 0.2 * Wn,
+                             rtol=1e-6, atol=1e-7)

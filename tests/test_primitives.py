@@ -939,3 +939,25 @@ def test_property_matches_reference(case):
     finite = np.isfinite(s)
     assert np.all((np.abs(s[finite] - 1) < 10 * TOL[dtype][0])
                   | (s[finite] == 0))
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ([0.0, 0.0], [3e38, 3e38]),         # b exp(a - max a) overflowed the sum
+    ([0.0, 90.0], [1e10, 1e-29]),       # exp(-90) flushed to 0 before * 1e10
+    ([-100.0, 0.0], [1e38, 1.0]),       # 1e38 exp(-100) lost beside 1
+    ([0.0, 1.0], [-3e38, 2e38]),        # a negative sum, with return_sign
+])
+def test_logsumexp_with_far_scales_b(a, b):
+  """The shift is max(a + log|b|), not max(a): every result here is a
+  moderate float32 number (jax.nn.logsumexp gives inf, 23.2 and 0)."""
+  a, b = np.array(a, np.float32), np.array(b, np.float32)
+  lse, sign = js.logsumexp(a, b=b, return_sign=True)
+  want, want_sign = ref.logsumexp(a, b=b, return_sign=True)
+  assert_close(lse, want, jnp.float32)
+  assert sign == want_sign
+  da, db = jax.grad(lambda a, b: js.logsumexp(a, b=b, return_sign=True)[0],
+                    (0, 1))(a, b)
+  assert_close(da, ref.logsumexp_vjp(a, 1.0, b=b, return_sign=True),
+               jnp.float32)
+  assert_close(db, ref.logsumexp_vjp_b(a, 1.0, b=b, return_sign=True),
+               jnp.float32)

@@ -529,3 +529,112 @@ def test_batch_split_over_a_tuple_of_axes(check_vma, vocab):
     jax.jit(jax.shard_map(
         functools.partial(loss, batch_axis_name=("a", "b")), mesh=mesh,
         in_specs=(P("a"), P(), P(), P("a")), out_specs=P()))(x, w, bias, y)
+
+
+# Explicit mesh axes, no shard_map: layouts other than "x split over the
+# batch, everything else replicated" crashed inside the library (a gather
+# or a dot whose output sharding JAX could not infer); now w, bias and the
+# hyperparameters are replicated and the per-row inputs follow x's rows.
+EXPLICIT_LAYOUTS = {  # x, w, class_weights, weights, labels
+    "w_split_on_v": (P("data"), P(None, "model"), P(), P("data"),
+                     P("data")),
+    "x_replicated_weights_split": (P(), P(), P(), P("data"), P()),
+    "x_replicated_labels_split": (P(), P(), P(), P(), P("data")),
+    "class_weights_split": (P("data"), P(), P("model"), P(), P()),
+    "x_split_on_d": (P(None, "model"), P("model", None), P(), P(), P()),
+    "all_split": (P("data"), P(None, "model"), P("model"), P("data"),
+                  P("data")),
+}
+
+
+@pytest.mark.parametrize("layout", EXPLICIT_LAYOUTS)
+def test_fused_loss_on_explicit_axes_any_layout(layout):
+  x, w, bias, y = _data()
+  cw, weights = jnp.linspace(0.5, 2.0, V), jnp.linspace(-1.0, 2.0, B)
+
+  def loss(x, w, cw, weights, y):
+    return js.linear_cross_entropy(x, w, y, bias=bias, class_weights=cw,
+                                   weights=weights, label_smoothing=0.1,
+                                   ignore_index=-100)
+
+  vg = jax.value_and_grad(loss, (0, 1, 2, 3))
+  want = vg(x, w, cw, weights, y)
+  mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(
+        (x, w, cw, weights, y), EXPLICIT_LAYOUTS[layout], strict=True)]
+    got = jax.jit(vg)(*args)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  for g, a in zip(got[1], args[:4], strict=True):   # in its input's layout
+    assert g.sharding.is_equivalent_to(a.sharding, g.ndim)
+
+
+@pytest.mark.parametrize("spec", [P("data", "model"), P(None, "model")])
+def test_cross_entropy_of_vocab_split_logits_on_explicit_axes(spec):
+  x, w, _, y = _data()
+  z = x @ w
+  mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+
+  def loss(z, y):
+    ce, aux = js.cross_entropy(z, y, ignore_index=-100, return_aux=True)
+    nll = js.nll_loss(js.log_softmax(z), y, ignore_index=-100)
+    return ce + nll + jnp.mean(aux.entropy)
+
+  want = jax.value_and_grad(loss)(z, y)
+  with jax.set_mesh(mesh):
+    zs = jax.device_put(z, NamedSharding(mesh, spec))
+    ys = jax.device_put(y, NamedSharding(mesh, P(spec[0])))
+    got = jax.jit(jax.value_and_grad(loss))(zs, ys)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  assert got[1].sharding.is_equivalent_to(zs.sharding, 2)
+
+
+# (logits, class_weights, weights, labels) on Explicit axes.
+EXPLICIT_LOGIT_LAYOUTS = [
+    (P("data", "model"), P(), P("data"), P("data")),
+    (P(None, "model"), P("model"), P(), P()),
+    (P(), P(), P("data"), P("data")),
+    (P("data"), P("model"), P(), P()),
+]
+
+
+@pytest.mark.parametrize("layout", EXPLICIT_LOGIT_LAYOUTS, ids=str)
+def test_every_loss_on_explicit_axes_any_layout(layout):
+  """Values and gradients (logits, class weights, weights, temperature)
+  of every function on logits and hyperparameters split any way: the
+  gathers, the class-weight scatter and the cotangents' shardings were
+  left to JAX, which could not infer them."""
+  x, w, _, y = _data()
+  z = x @ w
+  cw, weights = jnp.linspace(0.5, 2.0, V), jnp.linspace(-1.0, 2.0, B)
+
+  def loss(z, cw, weights, t, y):
+    ce = js.cross_entropy(z, y, class_weights=cw, weights=weights,
+                          label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0,
+                          temperature=t)
+    ce_aux, aux = js.cross_entropy(z, y, class_weights=cw, temperature=t,
+                                   return_aux=True)
+    nll = js.nll_loss(js.log_softmax(z / t), y, class_weights=cw,
+                      weights=weights)
+    obj = js.log_prob_objective(z, y, lambda lp, h, a: -a * lp - 0.1 * h,
+                                (weights,), temperature=t)
+    drop_in = jnp.mean(js.softmax_cross_entropy_with_integer_labels(
+        z, jnp.maximum(y, 0)))
+    prob = js.cross_entropy(z, js.softmax(z * 0.5), class_weights=cw,
+                            label_smoothing=0.1)
+    prims = (jnp.mean(js.logsumexp(z, axis=-1, b=cw))
+             + jnp.mean(js.softmax(z) * cw[None, :])
+             + jnp.mean(js.log_softmax(z, where=z > 0) * cw[None, :]))
+    return (ce + ce_aux + jnp.mean(aux.entropy) + jnp.mean(aux.lse) + nll
+            + obj + drop_in + prob + prims)
+
+  vg = jax.value_and_grad(loss, (0, 1, 2, 3))
+  want = vg(z, cw, weights, jnp.float32(0.8), y)
+  mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(a, NamedSharding(mesh, s))
+            for a, s in zip((z, cw, weights, y), layout, strict=True)]
+    got = jax.jit(vg)(*args[:3], jnp.float32(0.8), args[3])
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  for g, a in zip(got[1][:3], args[:3], strict=True):
+    assert g.sharding.is_equivalent_to(a.sharding, g.ndim)

@@ -119,10 +119,11 @@ def as_int_labels(labels, name: str = "labels",
   class count and ``ignore_index`` only after this conversion, so a narrow
   dtype (uint8 labels with 256 classes, int8 with 200) never sees a class
   count cast into it. Values outside the int32 range (int64 or uint32
-  labels) are clipped to it, which keeps them out of range, and one short
-  of an extreme that is ``ignore_index`` (a label of 2**33 must not become
-  ``ignore_index=2**31 - 1``); concrete ones are also returned unclipped so
-  that :func:`check_labels` reports them before anything is converted.
+  labels) move to its nearest end, which keeps them out of range, or one
+  short of an end that is ``ignore_index`` (a label of 2**33 must not
+  become ``ignore_index=2**31 - 1``; a label equal to it stays ignored);
+  concrete ones are also returned unclipped so that :func:`check_labels`
+  reports them before anything is converted.
 
   Raises:
     TypeError: labels that are not integers.
@@ -131,15 +132,23 @@ def as_int_labels(labels, name: str = "labels",
   if not _is_int(dtype):
     raise TypeError(f"{name} must be integer class indices; got dtype "
                     f"{dtype}.")
-  lo = _INT32.min + (ignore_index == _INT32.min)
-  hi = _INT32.max - (ignore_index == _INT32.max)
   if is_concrete(labels):
     raw = np.asarray(labels)
-    return jnp.asarray(np.clip(raw, lo, hi).astype(np.int32)), raw
+    return jnp.asarray(_into_int32(np, raw, ignore_index)), raw
   if dtype.itemsize >= 4 and dtype != np.int32:
-    labels = jnp.clip(labels, lo if jnp.issubdtype(
-        dtype, jnp.signedinteger) else 0, hi)
+    labels = _into_int32(jnp, labels, ignore_index)
   return labels.astype(jnp.int32), None
+
+
+def _into_int32(xnp, raw, ignore_index: int | None):
+  """``raw`` as int32: only values beyond the int32 range move, to its
+  nearest end, or one short of it where that end is ``ignore_index``."""
+  hi = _INT32.max - (ignore_index == _INT32.max)
+  out = xnp.where(raw > _INT32.max, hi, raw)
+  if np.issubdtype(raw.dtype, np.signedinteger):
+    lo = _INT32.min + (ignore_index == _INT32.min)
+    out = xnp.where(raw < _INT32.min, lo, out)
+  return out.astype(np.int32)
 
 
 def _static_int(value, name: str, what: str) -> int:

@@ -58,43 +58,77 @@ class _Sums(NamedTuple):
 
   xa: jax.Array     # x, -inf where ``where`` is False (b == 0 entries kept)
   xs: jax.Array     # x, -inf off the entries summed (masked, b == 0)
-  shift: jax.Array  # m: max of xs + log|b|, 0 where that is not finite
+  shift: jax.Array  # m: max of xs, 0 where that is not finite
+  scale: jax.Array | int  # k: the terms carry 2**-k (0 without b)
   empty: jax.Array  # bool: the support is empty (max of xs is -inf)
-  terms: jax.Array  # the summands: b * exp(xs - m), 0 off the support
+  terms: jax.Array  # the summands: 2**-k b exp(xs - m), 0 off the support
   total: jax.Array  # the sum of the terms
-  log_abs: jax.Array  # log |total|, to the last ulp for tiny non-max terms
+  log_abs: jax.Array  # log |total| + k log 2, to the last ulp for tiny terms
+
+
+# log 2 = _LN2_HI + _LN2_LO, _LN2_HI with 9 significant bits: n * _LN2_HI is
+# exact for |n| <= 2**13 (Cody and Waite's range reduction).
+_LN2_HI = 0.693359375
+_LN2_LO = float(np.log(2.0) - 0.693359375)
+_MAX_N = 2**13
+
+
+def _exp_pow2(t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(exp(r), n)`` with ``exp(t) = exp(r) 2**n``, ``|r| <= log(2) / 2``
+  (``n`` an int32, 0 for non-finite ``t``, which stays in ``r``)."""
+  n = jnp.clip(jnp.round(t / np.log(2.0)), -_MAX_N, _MAX_N)
+  n = jnp.where(jnp.isfinite(t), n, 0.0)
+  return jnp.exp((t - n * _LN2_HI) - n * _LN2_LO), n.astype(jnp.int32)
 
 
 def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
           b: jax.Array | None = None) -> _Sums:
-  """``s = sum b exp(x - m)`` over ``axes`` (see :class:`_Sums`), ``m``
-  the maximum of ``x + log|b|`` over the support.
+  """``s = 2**-k sum b exp(x - m)`` over ``axes`` (see :class:`_Sums`),
+  ``m`` the maximum of ``x`` over the support.
+
+  With ``b`` the scale ``2**-k`` keeps the largest term near 1 however far
+  ``b`` is from 1 (``b = 3e38`` overflowed ``b exp(x - m)``, ``b = 1e10``
+  beside ``exp(-90)`` underflowed): each term is ``mant * exp(r) *
+  2**(e + n - k)``, from ``b = mant 2**e`` (``frexp``) and ``exp(x - m) =
+  exp(r) 2**n``, ``k`` the largest ``e + n``. A power of 2 scales exactly,
+  so a moderate ``b`` loses nothing (a cancelling sum of ``+-b`` at
+  ``x = 3e4`` included), as ``max(x + log|b|)`` did not.
 
   Masking happens before the cast to the compute dtype and every product
   has both factors zeroed off the sum, so masked entries (and ``b == 0``
-  entries) may hold anything without a NaN being formed. ``m`` carries no
-  gradient: every result is invariant to it.
+  entries) may hold anything without a NaN being formed. ``m`` and ``k``
+  carry no gradient: every result is invariant to them.
   """
   cdt = compute_dtype(x.dtype)
   xa = _astype(x if mask is None else jnp.where(mask, x, _NEG_INF), cdt)
-  xs = ys = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
+  xs = xa if b is None else jnp.where(b != 0, xa, _NEG_INF)
+  top = jnp.max(xs, axis=axes, keepdims=True, initial=_NEG_INF)
+  m, t, e = shift_exp(xs, top)
+  at_top = xs == m
+  k: jax.Array | int = 0
+  log_k: jax.Array | float = 0.0
   if b is not None:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
-    # The shift is max(a + log|b|): a huge or tiny b neither overflows
-    # nor underflows the terms sign(b) exp(a + log|b| - m) (b == 0: -inf).
-    ys = xs + jnp.log(jnp.abs(bw))
-  top = jnp.max(ys, axis=axes, keepdims=True, initial=_NEG_INF)
-  m, _, e = shift_exp(ys, top)
-  if b is not None:
-    e = jnp.sign(bw) * e   # 0 where b == 0: e = exp(-inf) = 0 there
-  # total = k + r, k the terms at the maximum (+-1 each): log k +
-  # log1p(r / k) keeps a tiny r (logsumexp([0, -20]) = 2.06e-9, where
-  # log(1 + r) rounds to 0).
-  at_top = ys == m
-  k = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
-  r = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
-  return _Sums(xa=xa, xs=xs, shift=m, empty=top == _NEG_INF, terms=e,
-               total=k + r, log_abs=log_of_sum(k, r))
+    # frexp of a subnormal, scaled up first (its exponent is wrong).
+    fi = jnp.finfo(cdt)
+    sub = jnp.abs(bw) < fi.smallest_normal
+    mant, be = jnp.frexp(jnp.ldexp(bw, jnp.where(sub, fi.nmant, 0)))
+    er, n = _exp_pow2(t)
+    p2 = be + n - jnp.where(sub, fi.nmant, 0)
+    on = xs > _NEG_INF
+    kb = jnp.max(jnp.where(on, p2, -4 * _MAX_N), axis=axes, keepdims=True,
+                 initial=-4 * _MAX_N)
+    k = kb = jnp.where(top == _NEG_INF, 0, kb)
+    e = jnp.ldexp(mant * er, jnp.where(on, p2 - kb, 0))  # 0 off the support
+    at_top = on & (p2 == kb)
+    log_k = kb.astype(cdt) * np.log(2.0)
+  # total = u + v, u the terms at the maximum (1 each without b): log u +
+  # log1p(v / u) keeps a tiny v (logsumexp([0, -20]) = 2.06e-9, where
+  # log(1 + v) rounds to 0).
+  u = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
+  v = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
+  return _Sums(xa=xa, xs=xs, shift=m, scale=k, empty=top == _NEG_INF,
+               terms=e, total=u + v, log_abs=log_of_sum(u, v) + log_k)
 
 
 def _nan_where(bad: jax.Array, v: jax.Array) -> jax.Array:
@@ -357,7 +391,8 @@ def _logsumexp_fwd(x, b, mask, axes, keepdims, return_sign):
   p = _normalize(st.terms, s, bad)                              # d lse / d x
   q = None   # d lse / d b = exp(a - m) / s, b == 0 entries included
   if want_db:
-    q = _normalize(shift_exp(st.xa, st.shift)[2], s, bad)
+    er, n = _exp_pow2(st.xa - st.shift)
+    q = _normalize(jnp.ldexp(er, n - st.scale), s, bad)
   # In the inputs' shardings (on Explicit mesh axes p and q may have
   # another), as their gradients must be.
   res = (sharded_like(p.astype(x.dtype), x),
@@ -417,16 +452,20 @@ def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
   hand-written gradient for ``a`` and ``b``; ``jax.nn.logsumexp``'s signature.
 
   .. math::
-    \mathrm{lse} = m + \log |s|, \qquad s = \sum_{i \in S} b_i \exp(a_i - m),
-    \qquad m = \max_{i \in S} (a_i + \log |b_i|)
+    \mathrm{lse} = m + k \log 2 + \log |s|, \qquad
+    s = 2^{-k} \sum_{i \in S} b_i \exp(a_i - m), \qquad m = \max_{i \in S} a_i
 
-  over the support ``S`` (``where`` True, ``b_i != 0``, ``a_i > -inf``).
+  over the support ``S`` (``where`` True, ``b_i != 0``, ``a_i > -inf``),
+  ``k`` the largest binary exponent of the terms, so a huge or tiny ``b``
+  (``3e38``, ``1e-40``) neither overflows nor underflows, and the scaling
+  by a power of 2 is exact (the gradients below stay exact at large ``a``).
   Gradients, with :math:`\sigma = \mathrm{sign}(s)`:
 
   .. math::
-    \frac{\partial\,\mathrm{lse}}{\partial a_i} = \frac{b_i e^{a_i - m}}{s},
+    \frac{\partial\,\mathrm{lse}}{\partial a_i}
+    = \frac{2^{-k} b_i e^{a_i - m}}{s},
     \qquad
-    \frac{\partial\,\mathrm{lse}}{\partial b_i} = \frac{e^{a_i - m}}{s}
+    \frac{\partial\,\mathrm{lse}}{\partial b_i} = \frac{2^{-k} e^{a_i - m}}{s}
     = \sigma\, e^{a_i - \mathrm{lse}}
 
   The ``b`` gradient is the true derivative at ``b_i = 0`` too (``jax.nn``

@@ -2,6 +2,7 @@
 code before the fix. Values are checked against the float64 reference
 (tests/reference.py) or a closed form, never only "runs"."""
 
+import functools
 import math
 
 import chex
@@ -706,6 +707,26 @@ def test_out_of_range_labels_never_become_an_extreme_ignore_index(
         z, y, ignore_index=ignore_index, check_labels=True)))(z, y)
     with pytest.raises(checkify.JaxRuntimeError, match="outside"):
       err.throw()
+
+
+@pytest.mark.parametrize("ignore_index", [2**31 - 1, -(2**31)])
+def test_a_label_equal_to_an_extreme_ignore_index_stays_ignored(
+    ignore_index):
+  # The clip above once moved every label to one short of the extreme, so
+  # a label equal to ignore_index became class 2**31 - 2: a NaN row.
+  z = jnp.array([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+  want = np.array([ref.cross_entropy(np.asarray(z[:1]), np.array([0]),
+                                     reduction="none")[0], 0.0])
+  labels = [np.array([0, ignore_index]), jnp.array([0, ignore_index])]
+  if ignore_index > 0:
+    labels.append(jnp.array([0, ignore_index], jnp.uint32))
+  for y in labels:
+    for fn, a in ((js.cross_entropy, z), (js.nll_loss, jax.nn.log_softmax(z))):
+      f = functools.partial(fn, ignore_index=ignore_index, reduction="none")
+      for g in (f, jax.jit(f)):
+        np.testing.assert_allclose(g(a, y), want, rtol=1e-6)
+      mean = jax.jit(functools.partial(fn, ignore_index=ignore_index))(a, y)
+      np.testing.assert_allclose(mean, want[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [{"ignore_index": -100}, {"where": True}],

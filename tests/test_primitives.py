@@ -942,6 +942,29 @@ def test_property_matches_reference(case):
 
 
 @pytest.mark.parametrize(("a", "b"), [
+    ([3e4, 3e4], [1.0, 3.0]),           # d/da was [0.25018, 0.74982]
+    ([3e4, 3e4, 3e4], [1.0, -0.5, 0.25]),   # a cancelling sum
+    ([-7e3, -7e3 - 1.5], [0.1, -0.3]),  # a negative one
+    ([1e4, 1e4 - 30.0, 1e4 - 60.0], [2.0**-60, 1.0, 2.0**40]),
+])
+def test_logsumexp_with_b_keeps_large_a_exact(a, b):
+  """A shift of max(a + log|b|) rounded log|b| into a = 3e4 (an ulp of
+  2e-3): gradients off by 1e-4 of themselves and 500 times that where
+  the terms cancel. Scaling b by a power of 2 is exact."""
+  a, b = np.array(a, np.float32), np.array(b, np.float32)
+  lse, sign = js.logsumexp(a, b=b, return_sign=True)
+  want, want_sign = ref.logsumexp(a, b=b, return_sign=True)
+  assert_close(lse, want, jnp.float32)
+  assert sign == want_sign
+  da, db = jax.grad(lambda a, b: js.logsumexp(a, b=b, return_sign=True)[0],
+                    (0, 1))(a, b)
+  assert_close(da, ref.logsumexp_vjp(a, 1.0, b=b, return_sign=True),
+               jnp.float32)
+  assert_close(db, ref.logsumexp_vjp_b(a, 1.0, b=b, return_sign=True),
+               jnp.float32)
+
+
+@pytest.mark.parametrize(("a", "b"), [
     ([0.0, 0.0], [3e38, 3e38]),         # b exp(a - max a) overflowed the sum
     ([0.0, 90.0], [1e10, 1e-29]),       # exp(-90) flushed to 0 before * 1e10
     ([-100.0, 0.0], [1e38, 1.0]),       # 1e38 exp(-100) lost beside 1

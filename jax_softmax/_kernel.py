@@ -414,7 +414,9 @@ def grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
   # zero class weights) gives +-inf, not inf - inf.
   g = cot.xent[:, None] * (st.target_mass[:, None] * p - target_w)
   if hp.z_loss is not None:
-    g = g + (cot.z_loss * 2 * hp.z_loss * st.lse)[:, None] * p
+    # 2 zl lse p with lse p formed first: a logit near the float maximum
+    # makes 2 lse overflow, and inf * (p = 0) would be NaN, not 0.
+    g = g + (cot.z_loss * (2 * hp.z_loss))[..., None] * (st.lse[:, None] * p)
   return g
 
 

@@ -41,6 +41,21 @@ def _f64(x) -> np.ndarray:
   return np.asarray(np.asarray(x).astype(np.float64))
 
 
+def matmul(a, b) -> np.ndarray:
+  """``a @ b`` in float64 with IEEE semantics whatever the BLAS kernel.
+
+  With a non-finite entry the product is summed by NumPy's own loops: a
+  vectorised BLAS kernel multiplies an infinity by its padding lanes' zeros
+  and raises the invalid flag (NumPy 2 turns it into a warning) on some
+  CPUs and not on others.
+  """
+  a, b = _f64(a), _f64(b)
+  if np.isfinite(a).all() and np.isfinite(b).all():
+    return a @ b
+  with np.errstate(invalid="ignore", over="ignore"):
+    return np.einsum("...k,kn->...n", a, b)
+
+
 def _mask(where, shape) -> np.ndarray:
   if where is None:
     return np.ones(shape, bool)
@@ -513,7 +528,7 @@ def _linear_logits(x, w, bias, w_layout):
     raise ValueError(f"w_layout must be 'dv' or 'vd', got {w_layout!r}")
   x, w = _f64(x), _f64(w)
   w = w if w_layout == "dv" else w.T
-  z = x @ w
+  z = matmul(x, w)
   if bias is not None:
     z = z + _f64(bias)
   return x, w, z
@@ -543,8 +558,8 @@ def linear_cross_entropy_vjp(x, w, labels, g=1.0, *, bias=None,
   dz, _ = cross_entropy_vjp(z, labels, g, **cross_entropy_options)
   d, v = wdv.shape
   xr, dzr = x.reshape(-1, d), dz.reshape(-1, v)
-  dx = (dzr @ wdv.T).reshape(x.shape)
-  dw = xr.T @ dzr
+  dx = matmul(dzr, wdv.T).reshape(x.shape)
+  dw = matmul(xr.T, dzr)
   dw = dw if w_layout == "dv" else dw.T
   db = None if bias is None else np.sum(dzr, axis=0)
   return dx, dw, db

@@ -682,6 +682,31 @@ def test_huge_soft_cap_applied_under_jit():
   np.testing.assert_allclose(jitted, 1e38 * np.tanh(3.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("api", ["cross_entropy", "linear"])
+def test_z_loss_gradient_of_a_logit_near_the_float_max(api):
+  # Found by hypothesis: 2 z_loss lse overflows at lse = 3e38, and it once
+  # multiplied p = exp(-3e38) = 0 on the small logit (inf * 0 = NaN). The
+  # z-loss adds 2 lse p: +inf on the large logit (6e38 rounds to inf) and
+  # 0 on the small one, whose gradient is the label term's -1 alone.
+  z = np.array([[3e38, 0.0], [1.0, 2.0]], F32)
+  y = np.array([1, 0])
+  kw = dict(z_loss=1.0, reduction="sum")
+  def f(z):
+    if api == "linear":
+      return js.linear_cross_entropy(z, jnp.eye(2), y, **kw)
+    return js.cross_entropy(z, y, **kw)
+
+  got = np.asarray(jax.grad(f)(jnp.asarray(z)))
+  want, _ = ref.cross_entropy_vjp(z, y, **kw)
+  assert want[0, 0] > np.finfo(F32).max and want[0, 1] == -1.0
+  assert got[0, 0] == np.inf
+  if api == "cross_entropy":
+    np.testing.assert_allclose(got[0, 1], -1.0)
+  else:   # d x = dz @ eye.T in float32: inf * 0 is NaN in the matmul
+    assert np.isnan(got[0, 1])
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "known limitation (docs/numerics.md): under jit XLA:CPU contracts "
     "z * (1/T) - m into an FMA whose exact product is half an ulp (1024) "

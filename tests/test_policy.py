@@ -180,7 +180,7 @@ def test_fused_row_with_all_logits_minus_inf_is_uncounted(gif, reduction):
   kw = dict(reduction=reduction, label_smoothing=0.2, z_loss=1e-2)
   fused = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=2, grad_in_forward=gif, **kw), (0, 1))(x, w)
-  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  z = ref.matmul(x, w)
   want = ref.cross_entropy(z, np.asarray(y), **kw)
   g = np.nan_to_num(ref.cross_entropy_vjp(z, np.asarray(y), **kw)[0])
   np.testing.assert_allclose(float(fused[0]), want, rtol=1e-6)
@@ -204,7 +204,7 @@ def test_fused_recount_of_a_batch_left_with_no_row_is_zero(cw, dtype):
   y = jnp.array([0, 2, 1], jnp.int8)
   where = jnp.array([False, True, False])
   kw = dict(class_weights=jnp.array(cw), z_loss=1e-2, where=where)
-  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(
+  z = ref.matmul(x, w) + np.asarray(
       b, np.float64)
   want = ref.cross_entropy(z, np.asarray(y),
                            **dict(kw, where=np.asarray(where)))
@@ -228,7 +228,7 @@ def test_fused_recount_with_class_weights_and_z_loss_is_nan():
   w = jnp.array([[-1.0, -2.0, -3.0], [1.0, 0.0, 2.0]])
   y = jnp.array([0, 2, 1])   # the lost row weighs 3 of 6, a third of rows
   kw = dict(class_weights=jnp.array([1.0, 2.0, 3.0]), z_loss=1e-2)
-  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  z = ref.matmul(x, w)
   want = ref.cross_entropy(z, np.asarray(y), **kw)
   g = np.nan_to_num(ref.cross_entropy_vjp(z, np.asarray(y), **kw)[0])
   for gif in (None, False):

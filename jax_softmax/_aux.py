@@ -16,7 +16,7 @@ from jax_softmax._kernel import (
   support_logits,
   to_logits,
 )
-from jax_softmax._numerics import NEG_INF, shift_exp
+from jax_softmax._numerics import NEG_INF, mul0, shift_exp
 
 
 class LossAux(NamedTuple):
@@ -64,7 +64,7 @@ def row_aux(z, target, counted, class_mask, hp: Hyper, *, int_labels: bool,
   entropy of no outcome; its gradient is 0 too)."""
   _, valid, log_p, lse = _log_probs(z, class_mask, hp, classes)
   p = jnp.where(valid, jnp.exp(log_p), 0.0)
-  entropy = -classes.sum(p * log_p)
+  entropy = classes.sum(mul0(p, -log_p))   # p = 0 at log p = -inf: 0
   raw = z if class_mask is None else jnp.where(class_mask, z, NEG_INF)
   top = classes.argmax(raw)
   want = target if int_labels else classes.argmax(target)
@@ -96,7 +96,7 @@ def aux_grad_capped(z, class_mask, hp: Hyper, aux: LossAux, g_lse, g_ent, *,
   if g_lse is not None:
     g = g + g_lse[:, None] * p
   if g_ent is not None:
-    g = g + _entropy_grad(p, log_p, aux.entropy, g_ent)
+    g = g + _entropy_grad(p, -log_p, aux.entropy, g_ent)
   valid = valid & used_rows(g_lse, g_ent, p.shape[0])[:, None]
   return zc, valid, jnp.where(valid, g, 0.0)
 
@@ -110,10 +110,11 @@ def used_rows(g_lse, g_ent, rows: int):
   return used
 
 
-def _entropy_grad(p, log_p, entropy, g_ent):
-  """``g_ent * d H / d zc = -g_ent p (log p + H)`` (``(rows,)`` vectors
-  broadcast over the classes)."""
-  return -g_ent[:, None] * p * (log_p + entropy[:, None])
+def _entropy_grad(p, nll, entropy, g_ent):
+  """``g_ent * d H / d zc = g_ent p (nll - H)`` with ``nll = -log p``
+  (``(rows,)`` vectors broadcast over the classes); 0 where ``p = 0`` at
+  ``nll = inf`` (a row spread beyond the float range)."""
+  return g_ent[:, None] * mul0(p, nll - entropy[:, None])
 
 
 def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
@@ -122,11 +123,10 @@ def stats_entropy(z, st: RowStats, hp: Hyper, classes: Classes):
   ``s = sum_c e_c``: both terms non-negative (no cancellation), and the
   sum needs no ``log s``, so XLA can fuse it with the one of ``s``. 0 on
   uncounted rows; NaN rows NaN."""
-  zc, shifted, e = stats_exp(z, None, hp, st)
-  valid = zc != NEG_INF
-  # (This form, not e * where(...): XLA then holds one block less.)
-  mean_shift = classes.sum(
-      jnp.where(valid, e * jnp.where(valid, shifted, 0.0), 0.0))
+  _, shifted, e = stats_exp(z, None, hp, st)
+  # (This form, not e * where(...): XLA then holds one block less.) e = 0
+  # where shifted = -inf, off the support or below the float range: 0.
+  mean_shift = classes.sum(jnp.where(e == 0, 0.0, e * shifted))
   h = st.log_sum - mean_shift * jnp.exp(-st.log_sum)
   return jnp.where(st.counted, h, 0.0)
 
@@ -136,6 +136,5 @@ def grad_stats_entropy(z, st: RowStats, entropy, g_ent, hp: Hyper):
   uncounted rows and off the support."""
   zc, p, nll = probs(z, None, hp, st)
   valid = zc != NEG_INF
-  log_p = jnp.where(valid, -nll, 0.0)   # p = 0 there
-  g = to_logits(_entropy_grad(p, log_p, entropy, g_ent), zc, hp)
+  g = to_logits(_entropy_grad(p, nll, entropy, g_ent), zc, hp)
   return jnp.where(valid & st.counted[:, None], g, 0.0)

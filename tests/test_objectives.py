@@ -428,6 +428,55 @@ def test_entropy_of_confident_rows_vs_reference(api):
 
 
 @pytest.mark.parametrize("api", ["logits", "linear"])
+def test_entropy_of_a_row_spread_beyond_the_float_range(api):
+  # Row 0's logits 3e38 and -3e38: z - m = -6e38 overflows to -inf, whose
+  # p = 0 made p log p (and the entropy's gradient p (log p + H)) NaN;
+  # the entropy is 0 and every gradient of the row 0, as in float64.
+  z = np.array([[3e38, -3e38, 0.0], [1.0, 2.0, -1.0]], np.float32)
+  y = np.array([0, 1])
+
+  def fn(lp, h):
+    return lp + 0.5 * h
+
+  def objective(z, fn, reduction="sum"):
+    if api == "logits":
+      return js.log_prob_objective(z, jnp.asarray(y), fn,
+                                   reduction=reduction)
+    return js.linear_log_prob_objective(z, jnp.eye(3), jnp.asarray(y), fn,
+                                        reduction=reduction)
+
+  lp, h = _ref_rows(z, y)
+  assert h[0] == 0.0 and lp[0] == 0.0
+  zj = jnp.asarray(z)
+  np.testing.assert_allclose(objective(zj, lambda lp, h: h, "none"), h,
+                             rtol=1e-6)
+  np.testing.assert_allclose(objective(zj, lambda lp, h: lp, "none"), lp,
+                             rtol=1e-6)
+  z64 = z.astype(np.float64)
+  logp = z64 - z64.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  p = np.exp(logp)
+  want = (np.eye(3)[y] - p) - 0.5 * p * (np.where(p > 0, logp, 0.0)
+                                         + h[:, None])
+  got = jax.grad(lambda z: objective(z, fn))(zj)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert (np.asarray(got[0]) == 0.0).all()
+  if api == "logits":
+    aux = js.cross_entropy(zj, jnp.asarray(y), return_aux=True)[1]
+    g_aux = jax.grad(lambda z: jnp.sum(js.cross_entropy(
+        z, jnp.asarray(y), return_aux=True)[1].entropy))(zj)
+  else:
+    aux = js.linear_cross_entropy(zj, jnp.eye(3), jnp.asarray(y),
+                                  return_aux=True)[1]
+    g_aux = jax.grad(lambda z: jnp.sum(js.linear_cross_entropy(
+        z, jnp.eye(3), jnp.asarray(y), return_aux=True)[1].entropy))(zj)
+  np.testing.assert_allclose(aux.entropy, h, rtol=1e-6)
+  np.testing.assert_allclose(
+      g_aux, -p * (np.where(p > 0, logp, 0.0) + h[:, None]), rtol=1e-5,
+      atol=1e-7)
+
+
+@pytest.mark.parametrize("api", ["logits", "linear"])
 def test_bfloat16_inputs(api):
   x, emb, bias, y, fn_args, _ = _case_args(trailing, 1.0)
   x, emb, bias = (a.astype(jnp.bfloat16) for a in (x, emb, bias))

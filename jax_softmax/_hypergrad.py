@@ -64,29 +64,70 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
   if hp.class_weights is not None:
     d_w = _class_weight_grad(nll, nll_y, target, valid, rows, hp, st, cot,
                              classes).astype(hp.class_weights.dtype)
-  return Hyper(d_eps, d_z, d_cap, d_w, _temperature_grad(dz, z, hp, classes))
+  # The rows' d loss / d lse: the z-loss's and the aux lse's (the
+  # cross-entropy, log p and the entropy are shift invariant).
+  lse_cot = jnp.zeros(st.lse.shape, dz.dtype)
+  if hp.z_loss is not None:
+    lse_cot = jnp.where(st.counted, (cot.z_loss * (2 * hp.z_loss)) * st.lse,
+                        0.0)
+  if aux_cot[0] is not None:
+    lse_cot = lse_cot + aux_cot[0]
+  return Hyper(d_eps, d_z, d_cap, d_w,
+               _temperature_grad(dz, z, hp, classes, lse_cot))
 
 
 def _cap_grad(g, z, keep, hp: Hyper, classes: Classes):
   """``sum g * d zc / d cap`` over ``keep``, for a gradient ``g`` with
-  respect to ``zc = cap * tanh(zt / cap)``, ``zt = z / temperature``:
-  ``d zc / d cap = tanh u - u (1 - tanh^2 u)``, ``u = zt / cap``, which is
-  1 at ``u = +inf`` (``mul0``: not ``inf * 0``)."""
+  respect to ``zc = cap * tanh(zt / cap)``, ``zt = z / temperature``."""
   u = div_scalar(jnp.where(keep, scaled_logits(z, hp), 0.0), hp.soft_cap)
+  return classes.total(jnp.sum(jnp.where(keep, g * _cap_slope(u), 0.0)))
+
+
+def _cap_slope(u):
+  """``d (cap tanh(zt / cap)) / d cap = tanh u - u (1 - tanh^2 u)`` at
+  ``u = zt / cap``: ``+-1`` at ``u = +-inf`` (``mul0``: not ``inf * 0``).
+  Below ``|u| = 1`` the difference cancels (it is ``2 u^3 / 3 + ...``:
+  17% off at ``u = 1e-3``); there it is ``(1 - tanh^2 u) (sinh v - v) / 2``
+  with ``v = 2 u`` and ``sinh v - v`` from its series, all of whose terms
+  have one sign (six terms: ``2e-8`` relative at ``|v| = 2``)."""
   th = jnp.tanh(u)
-  return classes.total(jnp.sum(jnp.where(keep, g * (th - mul0(
-      1 - jnp.square(th), u)), 0.0)))
+  sech2 = 1 - jnp.square(th)
+  v = 2 * jnp.clip(u, -1.0, 1.0)
+  v2 = jnp.square(v)
+  series = v * v2 / 6
+  poly = jnp.ones_like(v2)
+  for k in (156, 110, 72, 42, 20):   # (2n+2)(2n+3) for n = 5, ..., 1
+    poly = 1 + v2 / k * poly
+  small = sech2 * (series * poly) / 2
+  return jnp.where(jnp.abs(u) < 1, small, th - mul0(sech2, u))
 
 
-def _temperature_grad(dz, z, hp: Hyper, classes: Classes):
+def _temperature_grad(dz, z, hp: Hyper, classes: Classes, lse_cot):
   """``d loss / d temperature`` from the loss's whole gradient ``dz`` with
   respect to the raw logits ``z``: the logits enter only as ``z / T``, so
   it is ``-sum dz * z / T`` (0 where ``dz`` is: masked ``-inf`` logits).
-  None without a temperature."""
+  None without a temperature.
+
+  Summed per row about the row's largest logit ``m`` (of those ``dz``
+  reaches): ``sum_c dz_c (z_c - m) + m sum_c dz_c``, with ``sum_c dz_c``
+  the analytic ``lse_cot / T`` (``lse_cot``: the rows' ``d loss / d lse``;
+  the cross-entropy's terms sum to 0 exactly, their rounded values do
+  not): a large common logit (``z = [1e6, 1e6 + 1]``) would otherwise
+  multiply that rounding (6% off). With a soft cap the row sum is not
+  analytic and is summed.
+  """
   if hp.temperature is None:
     return None
   zf = z.astype(dz.dtype)
-  return -classes.total(jnp.sum(jnp.where(dz == 0, 0.0, dz * zf))) / (
+  used = dz != 0
+  m = classes.max(jnp.where(used, zf, NEG_INF))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)   # no entry used: any shift
+  centered = jnp.where(used, dz * (zf - m[:, None]), 0.0)
+  if hp.soft_cap is None:
+    row_sum = div_scalar(lse_cot, hp.temperature)
+  else:
+    row_sum = classes.sum(jnp.where(used, dz, 0.0))
+  return -(classes.total(jnp.sum(centered)) + jnp.sum(m * row_sum)) / (
       hp.temperature)
 
 

@@ -26,8 +26,17 @@ def _linear_loss_fwd(w, x, y, row, reg, hp):
   z = jnp.matmul(x, w, preferred_element_type=compute_dtype(x.dtype))
   st = row_stats(z, y, row, None, hp, int_labels=True,
                  classes=Classes(z.shape[-1]))
-  loss = reduce_rows(st, hp, "mean") + reg * jnp.sum(w * w)
+  loss = reduce_rows(st, hp, "mean") + _penalty(w, reg)
   return loss, (w, x, z, y, reg, hp, st)
+
+
+def _penalty(w, reg):
+  """``reg * sum W**2`` as ``sign(reg) sum (sqrt|reg| W)**2``: ``reg = 0``
+  gives 0 whatever ``W`` (``W**2`` overflows past ``|W| = 1.8e19``, and
+  ``0 * inf`` was NaN), a tiny ``reg`` with a huge ``W`` the finite
+  product (``1e-10 * 4e38 = 4e28``, not ``inf``)."""
+  r = jnp.sqrt(jnp.abs(reg))
+  return jnp.sign(reg) * jnp.sum(jnp.square(r * w.astype(reg.dtype)))
 
 
 def _linear_loss_bwd(res, g):

@@ -61,12 +61,12 @@ def log_of_sum(k, r):
 
 
 def mul0(a, b):
-  """``a * b`` with ``0 * inf = 0``: a term whose coefficient is 0 drops
+  """``a * b`` with ``0 * +-inf = 0``: a term whose coefficient is 0 drops
   out of the loss even where ``b = -log p`` is ``+inf`` (a masked target
   under ``label_smoothing=1`` or a zero class weight), as in the formulas.
   NaN stays NaN. Written as a product so that its derivative in ``a`` is
   ``b`` (second-order gradients through targets)."""
-  return a * jnp.where((a == 0) & (b == jnp.inf), 0.0, b)
+  return a * jnp.where((a == 0) & jnp.isinf(b), 0.0, b)
 
 
 def clean_rows(a, counted):

@@ -106,7 +106,6 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   m, t, e = shift_exp(xs, top)
   at_top = xs == m
   k: jax.Array | int = 0
-  log_k: jax.Array | float = 0.0
   if b is not None:
     bw = _astype(b if mask is None else jnp.where(mask, b, 0.0), cdt)
     # frexp of a subnormal, scaled up first (its exponent is wrong).
@@ -115,20 +114,33 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
     mant, be = jnp.frexp(jnp.ldexp(bw, jnp.where(sub, fi.nmant, 0)))
     er, n = _exp_pow2(t)
     p2 = be + n - jnp.where(sub, fi.nmant, 0)
-    on = xs > _NEG_INF
-    kb = jnp.max(jnp.where(on, p2, -4 * _MAX_N), axis=axes, keepdims=True,
-                 initial=-4 * _MAX_N)
-    k = kb = jnp.where(top == _NEG_INF, 0, kb)
+    # Terms whose exp(x - m) is 0 (x - m = -inf: a spread beyond the float
+    # range) take no part in k (b = 1e10 there once scaled the top term to
+    # 0).
+    on = t > _NEG_INF
+    none = -4 * _MAX_N
+    kb = jnp.max(jnp.where(on, p2, none), axis=axes, keepdims=True,
+                 initial=none)
+    k = kb = jnp.where(kb == none, 0, kb)
     e = jnp.ldexp(mant * er, jnp.where(on, p2 - kb, 0))  # 0 off the support
     at_top = on & (p2 == kb)
-    log_k = kb.astype(cdt) * np.log(2.0)
   # total = u + v, u the terms at the maximum (1 each without b): log u +
   # log1p(v / u) keeps a tiny v (logsumexp([0, -20]) = 2.06e-9, where
   # log(1 + v) rounds to 0).
   u = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
   v = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
+  log_abs = log_of_sum(u, v)
+  if b is not None:
+    # u = mu 2**j with |mu| in [sqrt(1/2), sqrt(2)): log mu + log1p(v / u)
+    # + (j + k) log 2, where j + k = 0 exactly for a sum near 1 (log u +
+    # k log 2 as such rounded logsumexp([0, -20], b=[1, 1]) to 0).
+    mu, j = jnp.frexp(u)
+    low = jnp.abs(mu) < np.sqrt(0.5)
+    j = jnp.where(low, j - 1, j)
+    log_abs = log_of_sum(jnp.where(low, 2 * mu, mu), jnp.ldexp(v, -j)) + (
+        (j + kb).astype(cdt) * np.log(2.0))
   return _Sums(xa=xa, xs=xs, shift=m, scale=k, empty=top == _NEG_INF,
-               terms=e, total=u + v, log_abs=log_of_sum(u, v) + log_k)
+               terms=e, total=u + v, log_abs=log_abs)
 
 
 def _nan_where(bad: jax.Array, v: jax.Array) -> jax.Array:
@@ -457,8 +469,12 @@ def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
 
   over the support ``S`` (``where`` True, ``b_i != 0``, ``a_i > -inf``),
   ``k`` the largest binary exponent of the terms, so a huge or tiny ``b``
-  (``3e38``, ``1e-40``) neither overflows nor underflows, and the scaling
-  by a power of 2 is exact (the gradients below stay exact at large ``a``).
+  (``3e38``, ``1e-30``) neither overflows nor underflows, and the scaling
+  by a power of 2 is exact (the gradients below stay exact at large ``a``);
+  ``log |s|`` is formed as ``log 2^j |mu| + log1p(...)`` about the largest
+  terms, so a sum near 1 keeps a tiny ``lse`` (``2.06e-9`` for ``a = [0,
+  -20]``, ``b = [1, 1]``). A subnormal ``b`` (``1e-40`` in float32) is 0
+  where the backend flushes subnormals, as XLA:CPU does in every op.
   Gradients, with :math:`\sigma = \mathrm{sign}(s)`:
 
   .. math::

@@ -655,6 +655,23 @@ def test_reg_traced_under_jit_gradient_is_sum_of_squares():
     np.testing.assert_allclose(g, np.sum(w64 * w64), rtol=1e-15)
 
 
+@pytest.mark.parametrize("reg", [0.0, 1e-10, -1e-10])
+def test_penalty_of_a_weight_whose_square_overflows(reg):
+  # |W| = 2e19: W**2 = 4e38 overflows float32. reg = 0 gave 0 * inf = NaN,
+  # reg = 1e-10 inf, where reg * sum W**2 = 4e28 is representable.
+  W = np.array([[2e19, 0.0], [0.0, 1.0]], np.float32)  # noqa: N806
+  X = np.array([[0.0, 1.0], [0.0, 2.0]], np.float32)  # noqa: N806
+  y = np.array([1, 0])
+  want = ref_loss(W, X, y, reg)
+  assert np.isfinite(want)
+  np.testing.assert_allclose(linear_softmax_loss(W, X, y, reg), want,
+                             rtol=1e-6)
+  np.testing.assert_allclose(softmax_with_gradients(W, X, y, reg)[0], want,
+                             rtol=1e-6)
+  d_w = jax.grad(linear_softmax_loss)(jnp.asarray(W), X, y, reg)
+  np.testing.assert_allclose(d_w, ref_grad_w(W, X, y, reg), rtol=1e-6)
+
+
 def test_reg_schedule_and_hypergradient():
   """reg from a schedule inside a jitted loop, tuned by differentiation."""
   W, X, y = _problem(17)  # noqa: N806

@@ -517,6 +517,44 @@ def test_soft_cap_gradient_at_a_plus_inf_logit(api):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def _cap_slope64(u):
+  """float64 ``tanh u - u (1 - tanh^2 u)``; ``2 u^3 / 3 - 8 u^5 / 15 +
+  ...`` (the series of ``(1 - tanh^2 u)(sinh 2u - 2u) / 2``) below 0.5."""
+  u = np.asarray(u, np.float64)
+  v = 2 * np.clip(u, -0.5, 0.5)
+  term, series = v ** 3 / 6, np.zeros_like(v)
+  for n in range(1, 12):
+    series, term = series + term, term * v * v / ((2 * n + 2) * (2 * n + 3))
+  small = (1 - np.tanh(u) ** 2) * series / 2
+  with np.errstate(invalid="ignore", over="ignore"):
+    big = np.tanh(u) - np.where(np.isinf(u), 0.0, u * (1 - np.tanh(u) ** 2))
+  return np.where(np.abs(u) < 0.5, small, big)
+
+
+@pytest.mark.parametrize("api", ["cross_entropy", "linear"])
+@pytest.mark.parametrize("cap", [3.0, 30.0, 1e3, 1e4, 1e-30])
+def test_soft_cap_gradient_far_from_the_cap(api, cap):
+  # d zc / d cap = tanh u - u (1 - tanh^2 u), u = z / cap: for a cap far
+  # above the logits the difference cancels (2 u^3 / 3: 17% off at
+  # cap = 1e3, 0 at 1e4); for a tiny cap u = -inf made u (1 - tanh^2) NaN.
+  z = np.array([[1.0, 2.0, -0.5], [0.25, -1.0, 3.0]], np.float32)
+  if cap < 1:
+    z = z * np.float32(1e10)   # u = +-inf in float32, +-1e40 in float64
+  y = np.array([0, 2])
+
+  def loss(c):
+    if api == "linear":
+      return js.linear_cross_entropy(jnp.asarray(z), jnp.eye(3),
+                                     jnp.asarray(y), soft_cap=c)
+    return js.cross_entropy(jnp.asarray(z), jnp.asarray(y), soft_cap=c)
+
+  u = z.astype(np.float64) / cap
+  gc, _ = ref.cross_entropy_vjp(cap * np.tanh(u), y)   # d loss / d zc
+  want = np.sum(gc * _cap_slope64(u))
+  got = jax.grad(loss)(jnp.float32(cap))
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
 def test_probability_formula_and_ignore_index_does_not_apply():
   z = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
   t = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])

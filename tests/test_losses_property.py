@@ -226,18 +226,6 @@ def term_scale(z, labels, g, kw):
   return float(np.max(terms, initial=0.0))
 
 
-def known_nll_zero_weight_plus_inf(lp, labels, kw):
-  """xfail test_nll_zero_weight_plus_inf_log_prob: a counted row whose
-  target log-probability is ``+inf`` and whose label weight is 0 is NaN
-  (``0 * -inf``) in the library, 0 in the reference."""
-  lp = np.asarray(lp, np.float64)
-  if lp.size == 0 or kw["class_weights"] is None:
-    return False
-  y = np.clip(labels.astype(np.int64), 0, lp.shape[1] - 1)
-  lp_y = lp[np.arange(lp.shape[0]), y]
-  return bool(np.any((lp_y == INF) & (kw["class_weights"][y] == 0)))
-
-
 # --------------------------------------------------------------------------
 # cross_entropy
 
@@ -419,8 +407,6 @@ def test_nll_loss_matches_reference(case, data):
   if kw["reduction"] == "mean" and np.sum(
       np.where(np.isfinite(rows), rows, 0.0)) > np.finfo(F32).max:
     return  # known_float32_overflow: the sum before the mean
-  if known_nll_zero_weight_plus_inf(lp, labels, rkw):
-    return
   assert_match(loss, expected, *LTOL, "nll loss")
   assert_match(dlp, ref.nll_loss_vjp(f64(lp), labels, f64(g), **rkw),
                *GTOL[lp.dtype.name], "d log_probs")
@@ -707,6 +693,66 @@ def test_z_loss_gradient_of_a_logit_near_the_float_max(api):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("api", ["cross_entropy", "linear"])
+def test_z_loss_gradient_under_a_cap_whose_factor_keeps_it_finite(api):
+  # Found by hypothesis: lse = 3e38 tanh(1) = 2.3e38, so 2 lse overflows,
+  # but the cap's factor 1 - tanh(1)**2 = 0.42 brings d/dz back to 1.9e38:
+  # lse p is carried through the cap before the coefficient 2 z_loss.
+  z, y = np.array([[3e38], [1.0]], F32), np.array([0, 0])
+  kw = dict(z_loss=1.0, soft_cap=3e38, reduction="sum")
+
+  def f(z):
+    if api == "linear":
+      return js.linear_cross_entropy(z, jnp.eye(1), y, **kw)
+    return js.cross_entropy(z, y, **kw)
+
+  want, _ = ref.cross_entropy_vjp(z, y, **kw)
+  assert np.isfinite(want).all() and want[0, 0] > 1e38
+  np.testing.assert_allclose(jax.grad(f)(jnp.asarray(z)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("api", ["cross_entropy", "linear", "objective",
+                                 "linear_objective", "aux_lse"])
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_temperature_gradient_of_logits_far_from_zero(api, offset, z_loss):
+  # d/dT = -sum_c g_c z_c / T^2: the cross-entropy's g_c sum to 0, so
+  # formed from the raw z it multiplied their rounding by the offset
+  # (-0.6875 for -0.7311 at 1e6, 5000 ulps at 1e4); the library sums about
+  # the row maximum with the analytic row sum (z-loss and aux lse terms).
+  t = 2.0   # a power of 2: z / T is exact in float32
+  z = (offset + np.array([[0.0, 1.0, -0.5], [2.0, -1.0, 0.25]])).astype(F32)
+  y = np.array([0, 2])
+  objective = api in ("objective", "linear_objective")
+  if objective and z_loss:
+    pytest.skip("the objectives have no z-loss")
+  eye = jnp.eye(2)
+
+  def loss(temp):
+    zj, yj = jnp.asarray(z), jnp.asarray(y)
+    kw = dict(temperature=temp, reduction="sum")
+    if api == "objective":
+      return js.log_prob_objective(zj, yj, lambda lp, h: -lp, **kw)
+    if api == "linear_objective":
+      return js.linear_log_prob_objective(eye, zj.T, yj, lambda lp, h: -lp,
+                                          w_layout="vd", **kw)
+    if api == "linear":
+      return js.linear_cross_entropy(eye, zj.T, yj, w_layout="vd",
+                                     z_loss=z_loss, **kw)
+    out, aux = js.cross_entropy(zj, yj, z_loss=z_loss, return_aux=True, **kw)
+    return out + (0.5 * jnp.sum(aux.lse) if api == "aux_lse" else 0.0)
+
+  zt = z.astype(np.float64) / t
+  g, _ = ref.cross_entropy_vjp(zt, y, z_loss=z_loss, reduction="sum")
+  if api == "aux_lse":
+    p = np.exp(zt - zt.max(1, keepdims=True))
+    g = g + 0.5 * p / p.sum(1, keepdims=True)
+  want = -np.sum(g * zt) / t
+  got = jax.grad(loss)(jnp.float32(t))
+  np.testing.assert_allclose(got, want, rtol=2e-5 if z_loss else 1e-5,
+                             atol=1e-6 * abs(want))
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "known limitation (docs/numerics.md): under jit XLA:CPU contracts "
     "z * (1/T) - m into an FMA whose exact product is half an ulp (1024) "
@@ -747,10 +793,9 @@ def test_overflow_mean_of_huge_row_losses():
   np.testing.assert_allclose(out, 3e38, rtol=1e-6)     # library: inf
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "by design: a +inf log-probability is no valid input, and the library "
-    "gives NaN (0 * -inf) where the reference drops the zero-weight term"))
 def test_nll_zero_weight_plus_inf_log_prob():
+  # A +inf log-probability is no valid input, but a zero class weight drops
+  # its term (0 * -inf = 0, as in the reference; it was NaN).
   lp = np.array([[INF, 0.0]], F32)
   y = np.array([0])
   cw = np.array([0.0, 1.0], F32)
@@ -758,7 +803,7 @@ def test_nll_zero_weight_plus_inf_log_prob():
   def f(lp):
     return js.nll_loss(lp, y, class_weights=cw, reduction="sum")
 
-  assert float(f(lp)) == 0.0                           # library: nan
+  assert float(f(lp)) == 0.0
   np.testing.assert_array_equal(jax.grad(f)(lp), [[0.0, 0.0]])
 
 

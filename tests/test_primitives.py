@@ -969,14 +969,19 @@ def test_logsumexp_with_b_keeps_large_a_exact(a, b):
     ([0.0, 90.0], [1e10, 1e-29]),       # exp(-90) flushed to 0 before * 1e10
     ([-100.0, 0.0], [1e38, 1.0]),       # 1e38 exp(-100) lost beside 1
     ([0.0, 1.0], [-3e38, 2e38]),        # a negative sum, with return_sign
+    ([3e38, -3e38], [1e-30, 1e10]),     # b of a term exp flushes set the scale
+    ([0.0, -20.0], [1.0, 1.0]),         # lse = 2.06e-9: log 0.5 + log 2 was 0
+    ([0.0, -100.0], [1.0, 3e38]),       # lse = 1.1e-5: was 0.13% off
 ])
 def test_logsumexp_with_far_scales_b(a, b):
-  """The shift is max(a + log|b|), not max(a): every result here is a
-  moderate float32 number (jax.nn.logsumexp gives inf, 23.2 and 0)."""
+  """The terms are scaled by a power of 2 about the largest: every result
+  here is a float32 number to its rounding (jax.nn.logsumexp gives inf,
+  23.2, 0, ..., 0 and 0), a tiny one included."""
   a, b = np.array(a, np.float32), np.array(b, np.float32)
   lse, sign = js.logsumexp(a, b=b, return_sign=True)
   want, want_sign = ref.logsumexp(a, b=b, return_sign=True)
   assert_close(lse, want, jnp.float32)
+  np.testing.assert_allclose(lse, want, rtol=1e-6)   # relative, if tiny
   assert sign == want_sign
   da, db = jax.grad(lambda a, b: js.logsumexp(a, b=b, return_sign=True)[0],
                     (0, 1))(a, b)

@@ -129,8 +129,9 @@ def _sums(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
   # log(1 + v) rounds to 0).
   u = jnp.sum(jnp.where(at_top, e, 0.0), axis=axes, keepdims=True)
   v = jnp.sum(jnp.where(at_top, 0.0, e), axis=axes, keepdims=True)
-  log_abs = log_of_sum(u, v)
-  if b is not None:
+  if b is None:
+    log_abs = log_of_sum(u, v)
+  else:
     # u = mu 2**j with |mu| in [sqrt(1/2), sqrt(2)): log mu + log1p(v / u)
     # + (j + k) log 2, where j + k = 0 exactly for a sum near 1 (log u +
     # k log 2 as such rounded logsumexp([0, -20], b=[1, 1]) to 0).

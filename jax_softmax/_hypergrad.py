@@ -22,6 +22,8 @@ from jax_softmax._kernel import (
   scaled_logits,
   smoothed_target,
   weighted,
+  z_loss_coef,
+  z_loss_grad,
 )
 from jax_softmax._numerics import NEG_INF, div_scalar, mul0, sharded_like
 
@@ -56,6 +58,8 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
     d_z = jnp.sum(jnp.where(st.counted, (cot.z_loss * st.lse) * st.lse, 0.0))
   if hp.soft_cap is not None:
     g = grad_capped(zc, p, target, hp, int_labels, st, cot, classes)
+    if hp.z_loss is not None:
+      g = g + z_loss_grad(p, hp, st, cot)
     d_cap = _cap_grad(g, z, valid & st.counted[:, None], hp, classes)
     if aux is not None and aux_cot != (None, None):
       _, aux_valid, g_aux = aux_grad_capped(z, class_mask, hp, aux,
@@ -68,8 +72,7 @@ def grad_hyper(z, target, class_mask, hp: Hyper, st: RowStats,
   # cross-entropy, log p and the entropy are shift invariant).
   lse_cot = jnp.zeros(st.lse.shape, dz.dtype)
   if hp.z_loss is not None:
-    lse_cot = jnp.where(st.counted, (cot.z_loss * (2 * hp.z_loss)) * st.lse,
-                        0.0)
+    lse_cot = jnp.where(st.counted, z_loss_coef(hp, cot) * st.lse, 0.0)
   if aux_cot[0] is not None:
     lse_cot = lse_cot + aux_cot[0]
   return Hyper(d_eps, d_z, d_cap, d_w,

@@ -394,10 +394,10 @@ class RowCotangents(NamedTuple):
 
 
 def grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
-                 cot: RowCotangents, classes: Classes, z_loss: bool = True):
-  """``d loss / d zc`` with respect to the capped logits ``zc`` (which
-  may be None when there is no smoothing: only the support needs it);
-  without the z-loss's share if not ``z_loss`` (:func:`z_loss_grad`)."""
+                 cot: RowCotangents, classes: Classes):
+  """The cross-entropy's ``d loss / d zc`` with respect to the capped
+  logits ``zc`` (which may be None when there is no smoothing: only the
+  support needs it). The z-loss's share is :func:`z_loss_grad`."""
   eps = hp.label_smoothing
   if int_labels:
     onehot = classes.is_label(target)
@@ -413,10 +413,14 @@ def grad_capped(zc, p, target, hp: Hyper, int_labels: bool, st: RowStats,
                         hp)
   # c (a p - t_w), factored so that an infinite cotangent (a "mean" over
   # zero class weights) gives +-inf, not inf - inf.
-  g = cot.xent[:, None] * (st.target_mass[:, None] * p - target_w)
-  if hp.z_loss is not None and z_loss:
-    g = g + z_loss_grad(p, hp, st, cot)
-  return g
+  return cot.xent[:, None] * (st.target_mass[:, None] * p - target_w)
+
+
+def z_loss_coef(hp: Hyper, cot: RowCotangents):
+  """Per row, ``d loss / d lse`` of the z-loss over ``lse``: ``2 zl`` times
+  the cotangent (``zl lse^2`` has slope ``2 zl lse``)."""
+  assert hp.z_loss is not None
+  return cot.z_loss * (2 * hp.z_loss)
 
 
 def z_loss_grad(p, hp: Hyper, st: RowStats, cot: RowCotangents, to=None):
@@ -425,11 +429,10 @@ def z_loss_grad(p, hp: Hyper, st: RowStats, cot: RowCotangents, to=None):
   factors, :func:`to_logits`) before the coefficient: near the float
   maximum ``2 lse`` overflows where the result does not (``inf * (p =
   0)`` was NaN, and a cap's factor of 0.42 came after an ``inf``)."""
-  assert hp.z_loss is not None
   lse_p = st.lse[:, None] * p
   if to is not None:
     lse_p = to(lse_p)
-  return (cot.z_loss * (2 * hp.z_loss))[..., None] * lse_p
+  return z_loss_coef(hp, cot)[..., None] * lse_p
 
 
 def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
@@ -441,7 +444,7 @@ def grad_logits(z, target, class_mask, hp: Hyper, st: RowStats,
   zc, p, _ = probs(z, class_mask, hp, st, target if int_labels else None,
                   classes=classes)
   g = to_logits(grad_capped(zc, p, target, hp, int_labels, st, cot,
-                             classes, z_loss=False), zc, hp)
+                             classes), zc, hp)
   if hp.z_loss is not None:
     g = g + z_loss_grad(p, hp, st, cot, to=lambda a: to_logits(a, zc, hp))
   keep = st.counted[:, None]

@@ -7,7 +7,9 @@
   rules (``0 * inf = 0`` for a zero coefficient, uncounted rows hold 0,
   ``-inf`` stays ``-inf`` under the cap).
 * :class:`MatmulPolicy`: what the backend's matmuls want (operand dtype,
-  plain row-major products), one explicit object that tests can set.
+  plain row-major products), one explicit object that tests can set;
+  on the CPU it depends on the host's bfloat16 instructions
+  (:func:`cpu_flags`).
 * :func:`explicit_spec`, :func:`sharded_like`, :func:`rows_sharding`: the
   shardings that JAX cannot infer on a mesh with Explicit axes (a
   cotangent's, a gather's).
@@ -15,6 +17,8 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -122,24 +126,47 @@ class MatmulPolicy(NamedTuple):
   plain_w: bool
 
 
+# x86 instructions with which XLA:CPU's bfloat16 matmuls beat float32's.
+BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+  """The host CPU's feature flags as Linux's ``/proc/cpuinfo`` names them
+  (its first ``flags`` line: x86), None where there is none to read."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return None
+  for line in text.splitlines():
+    if line.startswith("flags"):
+      return frozenset(line.partition(":")[2].split())
+  return None
+
+
 def matmul_policy(dtype, vocab_major: bool = False,
                   backend: str | None = None) -> MatmulPolicy:
   """The policy for ``dtype`` and ``w``'s layout on ``backend`` (default:
   JAX's default backend), chosen by measurement (``scripts/bench.py``).
 
   XLA's CPU backend runs plain row-major products through its fast path
-  (YNNPACK, with bfloat16 kernels on CPUs that have AVX512-BF16 or AMX),
-  and a product with a transposed operand through slower kernels; it has
-  no float16 kernels (float16 dots are converted to float32 inside every
-  dot). So on ``"cpu"``: bfloat16 all plain products in bfloat16; float16
-  upcast once per pass; float32 (and float16) a plain ``dw`` for a
-  ``(d, V)`` ``w`` (a ``(V, d)`` one keeps ``dz^T x_c``, whose final
+  (YNNPACK) and a product with a transposed operand through slower
+  kernels. Its bfloat16 products beat float32 only on CPUs with bfloat16
+  dot instructions (:data:`BF16_DOT_FLAGS`: 2-3x float32's rate, plain
+  products only); without them (AVX2) they ran at 0.7x float32, and it
+  has no float16 kernels at all (float16 dots are converted to float32
+  inside every dot). So on ``"cpu"``: bfloat16 with those instructions
+  all plain products in bfloat16; other half precision (float16,
+  bfloat16 without them or where :func:`cpu_flags` cannot tell) upcast
+  once per pass; float32 (and upcast half precision) a plain ``dw`` for
+  a ``(d, V)`` ``w`` (a ``(V, d)`` one keeps ``dz^T x_c``, whose final
   ``(V, d)`` float32 transpose would cost more than it saves). GPU and TPU
   matmuls take any layout at full rate: the input dtype, as given.
   """
   if (backend or jax.default_backend()) != "cpu":
     return MatmulPolicy(upcast=False, plain_dw=False, plain_w=False)
-  if jnp.dtype(dtype) == jnp.bfloat16:
+  if jnp.dtype(dtype) == jnp.bfloat16 and not set(BF16_DOT_FLAGS).isdisjoint(
+      cpu_flags() or ()):
     return MatmulPolicy(upcast=False, plain_dw=True, plain_w=True)
   return MatmulPolicy(upcast=jnp.dtype(dtype).itemsize < 4,
                       plain_dw=not vocab_major, plain_w=False)

@@ -109,6 +109,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_softmax
+from jax_softmax._numerics import cpu_flags
 
 F32 = jnp.float32
 MIB = 2**20
@@ -442,15 +443,9 @@ def machine_info() -> dict:
 
 
 def half_precision_cpu_flags() -> list[str] | None:
-  """Which of ``HALF_FLAGS`` /proc/cpuinfo lists (None off Linux)."""
-  if not sys.platform.startswith("linux"):
-    return None
-  with contextlib.suppress(OSError):
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("flags"):
-        flags = set(line.partition(":")[2].split())
-        return [f for f in HALF_FLAGS if f in flags]
-  return None
+  """Which of ``HALF_FLAGS`` /proc/cpuinfo lists (None off Linux x86)."""
+  flags = cpu_flags()
+  return None if flags is None else [f for f in HALF_FLAGS if f in flags]
 
 
 # ----------------------------------------------------------- timing

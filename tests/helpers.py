@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_softmax import _numerics
+
 # The low-precision input dtypes (gradients come back in them).
 LOW = (jnp.bfloat16, jnp.float16)
 
@@ -126,3 +128,10 @@ def op_counts(program):
   """How many of each HLO op a compiled program holds (``dot``: matmuls)."""
   ops = re.findall(r"= \w+\[[^\]]*\][^ ]* ([\w-]+)\(", program.as_text())
   return Counter(ops)
+
+
+def set_bf16_dot_instructions(monkeypatch, present: bool) -> None:
+  """Make the CPU's matmul policy see a host with (or without) bfloat16
+  dot instructions (``_numerics.BF16_DOT_FLAGS``), whatever this one has."""
+  flags = frozenset(_numerics.BF16_DOT_FLAGS[:1] if present else ())
+  monkeypatch.setattr(_numerics, "cpu_flags", lambda: flags)

@@ -15,7 +15,14 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from helpers import assert_close, compile_jit, finite_scale, op_counts, rel_err
+from helpers import (
+  assert_close,
+  compile_jit,
+  finite_scale,
+  op_counts,
+  rel_err,
+  set_bf16_dot_instructions,
+)
 
 import jax_softmax as js
 
@@ -413,23 +420,27 @@ def _in_layout(w, w_layout):
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("w_layout", ["dv", "vd"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_w_on_cpu(w_layout, dtype):
+@pytest.mark.parametrize(("dtype", "bf16_dots"), [
+    (jnp.bfloat16, True), (jnp.bfloat16, False), (jnp.float16, False)])
+def test_half_precision_w_on_cpu(monkeypatch, w_layout, dtype, bf16_dots):
+  set_bf16_dot_instructions(monkeypatch, bf16_dots)
+  native = dtype == jnp.bfloat16 and bf16_dots
   x, w, _, y = _data(dtype, b=64, v=100)
   w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, w_layout=w_layout), (0, 1))
   text = compile_jit(f, x, w).as_text()
-  # float16 (no CPU kernels): one float32 copy of w for the one sweep
-  # (without it XLA converts w inside the dots of every chunk). bfloat16:
-  # the matmuls take bfloat16 operands, so w is never converted.
+  # float16 (no CPU kernels) and bfloat16 without bfloat16 dot
+  # instructions: one float32 copy of w for the one sweep (without it XLA
+  # converts w inside the dots of every chunk). bfloat16 with them: the
+  # matmuls take bfloat16 operands, so w is never converted.
   converts = re.findall(rf"f32\[{shape}\][^ ]* convert\(", text)
-  assert len(converts) == (1 if dtype == jnp.float16 else 0)
+  assert len(converts) == (0 if native else 1)
   lowered = jax.jit(f).lower(x, w).as_text()
   operands = re.findall(r"stablehlo\.dot_general[^\n]*: "
                         r"\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
                         lowered)
-  want = ("bf16", "bf16") if dtype == jnp.bfloat16 else ("f32", "f32")
+  want = ("bf16", "bf16") if native else ("f32", "f32")
   assert operands == [want] * 3
 
 
@@ -463,22 +474,26 @@ def test_half_precision_vd_gradient_runs_eagerly(b, chunk, objective):
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 @pytest.mark.parametrize("grad_in_forward", [None, False])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("dtype", "bf16_dots"), [
+    (jnp.float32, False), (jnp.bfloat16, True), (jnp.bfloat16, False)])
 @pytest.mark.parametrize("w_layout", ["dv", "vd"])
-def test_dw_matmul_is_a_plain_product_on_cpu(grad_in_forward, dtype,
-                                             w_layout):
+def test_dw_matmul_is_a_plain_product_on_cpu(monkeypatch, grad_in_forward,
+                                             dtype, bf16_dots, w_layout):
   # XLA's CPU backend runs (d, c) @ (c, V) through YNNPACK but x_c^T @ g
   # (lhs contracting dim 0) through a slower kernel: the (d, V) layout's
   # dw matmul takes the chunk of x transposed. In float32 the (V, d)
   # layout keeps dz^T x_c and makes no copy of x; in bfloat16 it also
-  # takes x transposed and accumulates dw as (d, V), transposed once.
+  # takes x transposed and accumulates dw as (d, V), transposed once
+  # (where the CPU has bfloat16 dot instructions; without them bfloat16
+  # is converted and laid out as float32).
+  set_bf16_dot_instructions(monkeypatch, bf16_dots)
   x, w, _, y = _data(dtype, b=64, v=100)
   w, shape = _in_layout(w, w_layout)
   f = jax.value_and_grad(lambda x, w: js.linear_cross_entropy(
       x, w, y, chunk_size=16, grad_in_forward=grad_in_forward,
       w_layout=w_layout), (0, 1))
   text = compile_jit(f, x, w).as_text()
-  plain = w_layout == "dv" or dtype == jnp.bfloat16
+  plain = w_layout == "dv" or bf16_dots
   dw_shape = "8,100" if plain else shape
   dims = re.findall(rf"f32\[{dw_shape}\][^ ]* dot\([^)]*\), "
                     r"lhs_contracting_dims=\{(\d)\}, "

@@ -6,7 +6,9 @@ policy, so the code paths a GPU or TPU takes run in this suite too, and
 checks values and gradients against the float64 reference.
 """
 
+import platform
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import pytest
 import reference as ref
 
 import jax_softmax as js
-from jax_softmax import _linear_ce
+from jax_softmax import _linear_ce, _numerics
 from jax_softmax._numerics import MatmulPolicy, matmul_policy
 
 POLICIES = [MatmulPolicy(upcast=u, plain_dw=p, plain_w=q)
@@ -23,19 +25,38 @@ POLICIES = [MatmulPolicy(upcast=u, plain_dw=p, plain_w=q)
             for q in (False, True)]
 
 
-def test_matmul_policy_per_backend_dtype_and_layout():
+@pytest.mark.parametrize("flags", [(), ("avx512_bf16",), ("amx_bf16",),
+                                   ("avx2", "f16c", "avx512f"), None])
+def test_matmul_policy_per_backend_dtype_and_layout(monkeypatch, flags):
+  # bfloat16 products in bfloat16 only where the CPU has bfloat16 dot
+  # instructions (where it cannot tell: converted, as float16 is).
+  monkeypatch.setattr(_numerics, "cpu_flags",
+                      lambda: None if flags is None else frozenset(flags))
+  bf16_dots = flags is not None and any("bf16" in f for f in flags)
   for vd in (False, True):
     for dtype in (jnp.float32, jnp.float64):
       assert matmul_policy(dtype, vd, "cpu") == MatmulPolicy(False, not vd,
                                                              False)
     assert matmul_policy(jnp.float16, vd, "cpu") == MatmulPolicy(
         True, not vd, False)
-    assert matmul_policy(jnp.bfloat16, vd, "cpu") == MatmulPolicy(
-        False, True, True)
+    assert matmul_policy(jnp.bfloat16, vd, "cpu") == (
+        MatmulPolicy(False, True, True) if bf16_dots
+        else MatmulPolicy(True, not vd, False))
     for backend in ("gpu", "tpu"):
       for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         assert matmul_policy(dtype, vd, backend) == MatmulPolicy(
             False, False, False)
+
+
+@pytest.mark.skipif(platform.system() != "Linux"
+                    or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="reads x86 flags from Linux's /proc/cpuinfo")
+def test_cpu_flags_are_those_of_proc_cpuinfo():
+  flags = _numerics.cpu_flags()
+  assert flags is not None and {"sse2", "fpu"} <= flags
+  first = next(line for line in Path("/proc/cpuinfo").read_text(
+      ).splitlines() if line.startswith("flags"))
+  assert flags == frozenset(first.split(":", 1)[1].split())
 
 
 def _data(dtype, b=24, d=8, v=50):

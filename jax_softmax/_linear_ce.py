@@ -85,11 +85,13 @@ def linear_cross_entropy(
   its two products; the softmax math, ``dw`` and ``dbias`` accumulate in
   float32; gradients come back in their inputs' dtypes (rounded once), the
   loss in ``result_type(x, float32)``. The operands' layout follows the
-  backend (``MatmulPolicy``): on XLA's CPU backend every bfloat16 product
-  is a plain row-major one (a transposed copy of ``w``, ``2 d V`` bytes,
-  and of ``x`` per pass), and float16, which that backend has no kernels
-  for, is converted to float32 once per pass (one float32 copy of ``w``;
-  ``dz`` then stays float32).
+  backend (``MatmulPolicy``): on XLA's CPU backend, where the CPU has
+  bfloat16 dot instructions (AVX512-BF16 or AMX-BF16), every bfloat16
+  product is a plain row-major one (a transposed copy of ``w``, ``2 d V``
+  bytes, and of ``x`` per pass); float16, which that backend has no
+  kernels for, and bfloat16 on other CPUs (where its products are slower
+  than float32's) are converted to float32 once per pass (one float32
+  copy of ``w``; ``dz`` then stays float32).
 
   Args:
     x: ``(..., d)`` features (leading batch dimensions allowed).

@@ -24,7 +24,11 @@ beat:
   ``fused_aux_discard`` (aux dropped) and ``fused_aux_entropy`` (``loss -
   0.01 * mean(aux.entropy)`` differentiated: not the same loss),
   ``fused_tied_T`` and ``fused_tied_vd`` (a ``(V, d)`` tied embedding
-  passed as ``emb.T``, and as it is with ``w_layout="vd"``), against
+  passed as ``emb.T``, and as it is with ``w_layout="vd"``),
+  ``fused_bf16_dots`` and ``fused_converted`` (``fused`` with the CPU's
+  matmul policy as on a CPU with bfloat16 dot instructions, plain
+  products in the input dtype, and as on one without, half precision
+  converted to float32 once: the A/B behind ``matmul_policy``), against
   the floor ``matmuls``: the three bare matmuls ``x w``, ``g w^T`` and
   ``x^T g`` (``g`` a precomputed ``(B, V)`` array in the input dtype, every
   product accumulated and returned in float32). ``matmuls_xt`` is the same
@@ -109,6 +113,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_softmax
+from jax_softmax import _numerics
 from jax_softmax._numerics import cpu_flags
 
 F32 = jnp.float32
@@ -197,6 +202,18 @@ def _fused_impls() -> list[Impl]:
   def tied_vd(x, emb, y, g):  # the same embedding, w_layout="vd"
     return lce(x, emb, y, w_layout="vd")
 
+  def policy_as(bf16_dots: bool):  # traced as if the CPU had (or lacked)
+    flags = frozenset(_numerics.BF16_DOT_FLAGS if bf16_dots else ())
+
+    def f(x, w, y, g):
+      saved = _numerics.cpu_flags
+      _numerics.cpu_flags = lambda: flags
+      try:
+        return lce(x, w, y)
+      finally:
+        _numerics.cpu_flags = saved
+    return f
+
   def as_embedding(args):  # (x, w, y, g) -> (x, w.T materialised, y, g)
     x, w, *rest = args
     return (x, jnp.asarray(w.T).copy(), *rest)
@@ -220,6 +237,8 @@ def _fused_impls() -> list[Impl]:
           Impl("fused_aux_entropy", grad(aux_entropy)),
           Impl("fused_tied_T", grad(tied_t), place=as_embedding),
           Impl("fused_tied_vd", grad(tied_vd), place=as_embedding),
+          Impl("fused_bf16_dots", grad(policy_as(True))),
+          Impl("fused_converted", grad(policy_as(False))),
           Impl("optax", grad(with_optax)),
           _floor_impls()[0],
           Impl("matmuls_xt", matmuls_xt, loss=False),

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from jax_softmax._numerics import merge_dims, padded_spec, unflatten_rows
+
 Axis = int | Sequence[int]
 
 
@@ -310,7 +312,7 @@ def row_weights(weights, batch_shape: tuple[int, ...], dtype,
     raise ValueError(f"weights must have the labels' shape {batch_shape}; "
                      f"got {v.shape}.")
   v = v.astype(dtype)   # the loss keeps the logits' compute dtype
-  return v.reshape(-1) if flat else v
+  return flatten_rows(v) if flat else v
 
 
 def objective_args(fn_args, batch_shape: tuple[int, ...]) -> tuple:
@@ -410,6 +412,7 @@ class LogitRows(NamedTuple):
   class_mask: jax.Array | None
   batch_shape: tuple[int, ...]
   int_labels: bool
+  batch_spec: tuple | None = None   # the batch's sharding (Explicit axes)
 
 
 def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
@@ -426,10 +429,12 @@ def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
   for a in axes:
     num_classes *= logits.shape[a]
   perm = batch_axes + axes
+  spec = padded_spec(logits)
+  batch_spec = None if spec is None else tuple(spec[a] for a in batch_axes)
 
   def class_layout(x):   # (rows, classes); rows explicit (0 classes)
-    return jnp.transpose(x, perm).reshape(math.prod(batch_shape),
-                                          num_classes)
+    return merge_dims(jnp.transpose(x, perm),
+                      (0, len(batch_axes), logits.ndim))
 
   int_labels = label_kind(labels)
   row, class_mask, row_where = None, None, where
@@ -437,13 +442,13 @@ def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
     mask = broadcast_mask(as_bool_mask(where), logits.shape,
                                   name)
     class_mask, row_where = class_layout(mask), None
-  if int_labels:
-    has_class = None if class_mask is None else jnp.any(
-        class_mask, axis=-1).reshape(batch_shape)   # rows with a class left
+  if int_labels:   # has_class: the rows with a class left
+    has_class = None if class_mask is None else unflatten_rows(jnp.any(
+        class_mask, axis=-1), batch_shape, batch_spec)
     labels, row = int_label_rows(
         labels, batch_shape, row_where, ignore_index, num_classes,
         check_labels, has_class)
-    target = labels.reshape(-1)
+    target = flatten_rows(labels)
   else:
     row = row_mask(row_where, batch_shape)
     labels = jnp.asarray(labels)
@@ -452,5 +457,10 @@ def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
           f"probability labels must have the logits' shape {logits.shape}; "
           f"got {labels.shape}.")
     target = class_layout(labels)
-  return LogitRows(class_layout(logits), target, row.reshape(-1), class_mask,
-               batch_shape, int_labels)
+  return LogitRows(class_layout(logits), target, flatten_rows(row),
+                   class_mask, batch_shape, int_labels, batch_spec)
+
+
+def flatten_rows(a):
+  """A per-row array of the batch shape as ``(rows,)`` (:func:`merge_dims`)."""
+  return merge_dims(a, (0, a.ndim))

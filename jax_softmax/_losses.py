@@ -27,7 +27,12 @@ from jax_softmax._kernel import (
   row_stats,
   take_rows,
 )
-from jax_softmax._numerics import clean_rows, compute_dtype, sharded_like
+from jax_softmax._numerics import (
+  clean_rows,
+  compute_dtype,
+  sharded_like,
+  unflatten_rows,
+)
 from jax_softmax._primitives import logsumexp
 from jax_softmax._reduce import (
   reduce_rows,
@@ -264,7 +269,8 @@ def cross_entropy(
                            r.logits, r.target, r.row_mask, r.class_mask, hp,
                            _checks.row_weights(weights, r.batch_shape,
                                                dtype))
-  return shape_outputs(out, reduction, return_aux, r.batch_shape)
+  return shape_outputs(out, reduction, return_aux, r.batch_shape,
+                       r.batch_spec)
 
 
 def rows_with_aux(r: _checks.LogitRows, hp: Hyper):
@@ -298,7 +304,7 @@ def _optax_drop_in(logits, labels, axis, where) -> jax.Array:
     zf = z.astype(out.dtype)   # the loss's dtype (float32 for halves)
     raw = logsumexp(zf, axis=-1, where=cmask) - take_rows(zf, y)
     out = jnp.where(masked & r.row_mask, raw.astype(out.dtype), out)
-  return out.reshape(r.batch_shape)
+  return unflatten_rows(out, r.batch_shape, r.batch_spec)
 
 
 def softmax_cross_entropy_with_integer_labels(

@@ -15,7 +15,13 @@ from jax_softmax._kernel import (
   make_hyper,
   take_rows,
 )
-from jax_softmax._numerics import NEG_INF, compute_dtype, mul0, sharded_like
+from jax_softmax._numerics import (
+  NEG_INF,
+  compute_dtype,
+  mul0,
+  sharded_like,
+  unflatten_rows,
+)
 from jax_softmax._reduce import (
   reduce_rows,
   row_cotangents,
@@ -122,4 +128,5 @@ def nll_loss(
   out = _nll_jit(reduction, r.logits, r.target, r.row_mask, r.class_mask, hp,
                  _checks.row_weights(weights, r.batch_shape,
                                      compute_dtype(r.logits.dtype)))
-  return out.reshape(r.batch_shape) if reduction == "none" else out
+  return (unflatten_rows(out, r.batch_shape, r.batch_spec)
+          if reduction == "none" else out)

@@ -10,14 +10,17 @@
   plain row-major products), one explicit object that tests can set;
   on the CPU it depends on the host's bfloat16 instructions
   (:func:`cpu_flags`).
-* :func:`explicit_spec`, :func:`sharded_like`, :func:`rows_sharding`: the
-  shardings that JAX cannot infer on a mesh with Explicit axes (a
-  cotangent's, a gather's).
+* :func:`explicit_spec`, :func:`sharded_like`, :func:`rows_sharding`,
+  :func:`merge_dims`, :func:`unflatten_rows`: the shardings that JAX
+  cannot infer on a mesh with Explicit axes (a cotangent's, a gather's, a
+  reshape's).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -192,3 +195,45 @@ def rows_sharding(like):
   None elsewhere."""
   spec = explicit_spec(like)
   return None if spec is None else P(spec[0] if spec else None)
+
+
+def padded_spec(a) -> tuple | None:
+  """:func:`explicit_spec` with one entry per dimension of ``a``."""
+  spec = explicit_spec(a)
+  return None if spec is None else tuple(spec) + (None,) * (
+      a.ndim - len(spec))
+
+
+def _merged(entries):
+  """One PartitionSpec entry for a merge of dimensions sharded as
+  ``entries``: all their mesh axes, major to minor."""
+  names = tuple(n for e in entries if e is not None
+                for n in ((e,) if isinstance(e, str) else e))
+  return None if not names else names[0] if len(names) == 1 else names
+
+
+def merge_dims(a, bounds: tuple[int, ...]):
+  """``a`` reshaped so that each group of dimensions ``[bounds[i],
+  bounds[i + 1])`` becomes one (``bounds`` from 0 to ``a.ndim``). On a
+  mesh with Explicit axes a merged dimension is sharded over all of its
+  dimensions' axes: JAX infers that only where every dimension is split
+  (a ``(batch, seq@seq)`` array raised)."""
+  groups = list(itertools.pairwise(bounds))
+  shape = tuple(math.prod(a.shape[i:j]) for i, j in groups)
+  spec = padded_spec(a)
+  if spec is None:
+    return a.reshape(shape)
+  return lax.reshape(a, shape, out_sharding=P(*(
+      _merged(spec[i:j]) for i, j in groups)))
+
+
+def unflatten_rows(a, batch_shape: tuple[int, ...], batch_spec):
+  """``(rows, ...)`` per-row results back to ``batch_shape + (...)``; on a
+  mesh with Explicit axes in ``batch_spec`` (the batch dimensions' entries
+  of the input's :func:`padded_spec`, None elsewhere): JAX cannot split a
+  dimension sharded over several axes by itself."""
+  shape = tuple(batch_shape) + a.shape[1:]
+  if batch_spec is None:
+    return a.reshape(shape)
+  return lax.reshape(a, shape, out_sharding=P(*batch_spec, *(
+      (None,) * (a.ndim - 1))))

@@ -15,7 +15,7 @@ from jax_softmax import _checks, _reduce
 from jax_softmax._kernel import make_hyper
 from jax_softmax._linear_ce import fused_call
 from jax_softmax._losses import rows_with_aux
-from jax_softmax._numerics import compute_dtype
+from jax_softmax._numerics import compute_dtype, merge_dims, unflatten_rows
 
 _DOC_FN = """
   Per counted row ``i`` the objective is ``fn(log_p[i], entropy[i],
@@ -79,14 +79,16 @@ def log_prob_objective(
   hp = make_hyper(0.0, 0.0, None, None, r.logits.shape[-1], dtype,
                   temperature)
   args = _checks.objective_args(fn_args, r.batch_shape)
-  args = tuple(a.reshape((-1,) + a.shape[len(r.batch_shape):]) for a in args)
+  k = len(r.batch_shape)
+  args = tuple(merge_dims(a, (0, k, *range(k + 1, a.ndim + 1))) for a in args)
   xent, aux = rows_with_aux(r, hp)
   # Counted: unmasked, not ignored, a class left (lse > -inf; NaN counts).
   counted = r.row_mask & (aux.lse != -jnp.inf)
   st = _reduce.stats_of(xent, counted, counted.astype(xent.dtype))
   f = _reduce.objective_rows(fn, st, aux.entropy, args)
   out = _reduce.reduce_objective(f, st, reduction)
-  return out.reshape(r.batch_shape) if reduction == "none" else out
+  return (unflatten_rows(out, r.batch_shape, r.batch_spec)
+          if reduction == "none" else out)
 
 
 def linear_log_prob_objective(

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jax_softmax._kernel import Hyper, RowCotangents, RowStats
-from jax_softmax._numerics import clean_rows, mul0, sharded_like
+from jax_softmax._numerics import clean_rows, mul0, sharded_like, unflatten_rows
 from jax_softmax._sharded import BatchAxes, batch_sum
 
 
@@ -194,15 +194,17 @@ def objective_cotangents(fn, st: RowStats, entropy, fn_args, c_f):
 
 
 def shape_outputs(out, reduction: str, return_aux: bool,
-                  batch_shape: tuple[int, ...]):
-  """Gives per-row outputs (loss for ``"none"``, aux) the batch shape."""
+                  batch_shape: tuple[int, ...], batch_spec=None):
+  """Gives per-row outputs (loss for ``"none"``, aux) the batch shape (in
+  ``batch_spec`` on Explicit mesh axes, :func:`unflatten_rows`)."""
   loss, aux = out if return_aux else (out, None)
   n = math.prod(batch_shape)
   if reduction == "none":
-    loss = loss[:n].reshape(batch_shape)
+    loss = unflatten_rows(loss[:n], batch_shape, batch_spec)
   if aux is None:
     return loss
-  return loss, jax.tree.map(lambda a: a[:n].reshape(batch_shape), aux)
+  return loss, jax.tree.map(
+      lambda a: unflatten_rows(a[:n], batch_shape, batch_spec), aux)
 
 
 def unwrap_primals(tree):

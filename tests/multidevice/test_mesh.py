@@ -638,3 +638,58 @@ def test_every_loss_on_explicit_axes_any_layout(layout):
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
   for g, a in zip(got[1][:3], args[:3], strict=True):
     assert g.sharding.is_equivalent_to(a.sharding, g.ndim)
+
+
+# (batch, seq) layouts of (batch, seq, V) logits and (batch, seq, d)
+# activations on Explicit axes.
+SEQUENCE_LAYOUTS = [P("data", "model"), P(None, "model"), P("model", None),
+                    P(None, ("model", "data"))]
+
+
+@pytest.mark.parametrize("rows", SEQUENCE_LAYOUTS, ids=str)
+def test_sequence_split_on_explicit_axes(rows):
+  """3-D logits, labels, masks, weights and fn_args split over the batch
+  and/or the sequence: flattening a (batch, seq@model) array and
+  unflattening the per-row results raised ShardingTypeError (JAX infers a
+  merged dimension's sharding only where every dimension is split)."""
+  bt, seq = 8, 8
+  k = jax.random.split(jax.random.key(1), 5)
+  x = jax.random.normal(k[0], (bt, seq, D))
+  w = jax.random.normal(k[1], (D, V))
+  y = jax.random.randint(k[2], (bt, seq), 0, V).at[1, 2].set(-100)
+  mask = jax.random.bernoulli(k[3], 0.8, (bt, seq, V)).at[..., 0].set(True)
+  adv = jax.random.normal(k[4], (bt, seq))
+  cot = jnp.linspace(-1.0, 1.0, bt * seq).reshape(bt, seq)
+
+  def loss(z, x, adv, y, mask):
+    total = 0.0
+    for red in ("mean", "none"):
+      def r(v, red=red):
+        return jnp.sum(cot * v) if red == "none" else v
+      ce, aux = js.cross_entropy(z, y, where=mask, weights=adv,
+                                 label_smoothing=0.1, return_aux=True,
+                                 reduction=red)
+      total += (r(ce) + jnp.mean(aux.entropy * cot)
+                + r(js.nll_loss(js.log_softmax(z), y, reduction=red))
+                + r(js.log_prob_objective(
+                    z, y, lambda lp, h, a: -a * lp - 0.1 * h, (adv,),
+                    reduction=red))
+                + r(js.cross_entropy(jnp.swapaxes(z, 1, 2),
+                                     js.softmax(jnp.swapaxes(z, 1, 2), axis=1),
+                                     axis=1, reduction=red))
+                + r(js.linear_cross_entropy(x, w, y, weights=adv,
+                                            reduction=red)))
+    return total
+
+  vg = jax.value_and_grad(loss, (0, 1, 2))
+  want = vg(x @ w, x, adv, y, mask)
+  mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    def put(a, spec):
+      return jax.device_put(a, NamedSharding(mesh, spec))
+    args = (put(x @ w, P(*rows, None)), put(x, P(*rows, None)),
+            put(adv, rows), put(y, rows), put(mask, P(*rows, None)))
+    got = jax.jit(vg)(*args)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-5)
+  for g, a in zip(got[1], args[:3], strict=True):   # in its input's layout
+    assert g.sharding.is_equivalent_to(a.sharding, g.ndim)

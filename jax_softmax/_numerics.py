@@ -155,11 +155,11 @@ def matmul_policy(dtype, vocab_major: bool = False,
   XLA's CPU backend runs plain row-major products through its fast path
   (YNNPACK) and a product with a transposed operand through slower
   kernels. Its bfloat16 products beat float32 only on CPUs with bfloat16
-  dot instructions (:data:`BF16_DOT_FLAGS`: 2-3x float32's rate, plain
-  products only); without them (AVX2) they ran at 0.7x float32, and it
-  has no float16 kernels at all (float16 dots are converted to float32
-  inside every dot). So on ``"cpu"``: bfloat16 with those instructions
-  all plain products in bfloat16; other half precision (float16,
+  dot instructions (:data:`BF16_DOT_FLAGS`: 1.4-1.8x float32's rate
+  measured, plain products only); without them (AVX2) they ran at 0.7x
+  float32. It has no float16 kernels at all (float16 dots are converted
+  to float32 inside every dot). So on ``"cpu"``: bfloat16 with those
+  instructions all plain products in bfloat16; other half precision (float16,
   bfloat16 without them or where :func:`cpu_flags` cannot tell) upcast
   once per pass; float32 (and upcast half precision) a plain ``dw`` for
   a ``(d, V)`` ``w`` (a ``(V, d)`` one keeps ``dz^T x_c``, whose final

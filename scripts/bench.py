@@ -103,6 +103,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,6 @@ from jax.sharding import PartitionSpec as P
 
 import jax_softmax
 from jax_softmax import _numerics
-from jax_softmax._numerics import cpu_flags
 
 F32 = jnp.float32
 MIB = 2**20
@@ -205,13 +205,9 @@ def _fused_impls() -> list[Impl]:
   def policy_as(bf16_dots: bool):  # traced as if the CPU had (or lacked)
     flags = frozenset(_numerics.BF16_DOT_FLAGS if bf16_dots else ())
 
-    def f(x, w, y, g):
-      saved = _numerics.cpu_flags
-      _numerics.cpu_flags = lambda: flags
-      try:
+    def f(x, w, y, g):  # bfloat16 dot instructions
+      with mock.patch.object(_numerics, "cpu_flags", lambda: flags):
         return lce(x, w, y)
-      finally:
-        _numerics.cpu_flags = saved
     return f
 
   def as_embedding(args):  # (x, w, y, g) -> (x, w.T materialised, y, g)
@@ -463,7 +459,7 @@ def machine_info() -> dict:
 
 def half_precision_cpu_flags() -> list[str] | None:
   """Which of ``HALF_FLAGS`` /proc/cpuinfo lists (None off Linux x86)."""
-  flags = cpu_flags()
+  flags = _numerics.cpu_flags()
   return None if flags is None else [f for f in HALF_FLAGS if f in flags]
 
 

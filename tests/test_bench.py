@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,21 @@ def test_sharded_section_on_simulated_devices(tmp_path):
   # w split 8 ways: fewer temporaries per device than on one device.
   assert case["vocab_parallel"]["temp_bytes"] < case["one_device"][
       "temp_bytes"]
+
+
+@pytest.mark.parametrize(("name", "operand"), [("fused_bf16_dots", "bf16"),
+                                               ("fused_converted", "f32")])
+def test_policy_impls_trace_the_policy_they_name(bench, name, operand):
+  # The A/B behind the CPU's bfloat16 policy: each impl lowers its dots
+  # with the operands of the policy it names, whatever this CPU has.
+  import jax
+  import jax.numpy as jnp
+  (impl,) = [i for i in bench.IMPLS["fused"]() if i.name == name]
+  bf16 = jnp.bfloat16
+  args = (jnp.zeros((64, 16), bf16), jnp.zeros((16, 300), bf16),
+          jnp.zeros((64,), jnp.int32), jnp.zeros((64, 300), bf16))
+  text = jax.jit(impl.fn).lower(*args).as_text()
+  operands = re.findall(r"stablehlo\.dot_general[^\n]*: "
+                        r"\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
+                        text)
+  assert operands == [(operand, operand)] * 3

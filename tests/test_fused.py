@@ -444,14 +444,18 @@ def test_half_precision_w_on_cpu(monkeypatch, w_layout, dtype, bf16_dots):
   assert operands == [want] * 3
 
 
+@pytest.mark.parametrize("bf16_dots", [True, False])
 @pytest.mark.parametrize("objective", [False, True])
 @pytest.mark.parametrize(("b", "chunk"), [(4, 4), (10, 3), (2, None), (13, 4)])
-def test_half_precision_vd_gradient_runs_eagerly(b, chunk, objective):
+def test_half_precision_vd_gradient_runs_eagerly(monkeypatch, b, chunk,
+                                                 objective, bf16_dots):
   # A one-trip chunk loop let XLA fold the final transpose of the (d, V)
   # dw accumulator into its product, a dot the CPU backend cannot run in
   # bfloat16 ("Unsupported element type for DotThunk"): executed here,
   # eagerly (the forward pass compiled alone) and under jit, against the
-  # float64 reference of the rounded inputs.
+  # float64 reference of the rounded inputs, with the policy of a CPU
+  # with bfloat16 dot instructions (the path of that crash) and without.
+  set_bf16_dot_instructions(monkeypatch, bf16_dots)
   x, w, bias, y = _data(jnp.bfloat16, b=b)
   wt = jnp.asarray(w.T)
 

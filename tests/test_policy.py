@@ -54,9 +54,12 @@ def test_matmul_policy_per_backend_dtype_and_layout(monkeypatch, flags):
 def test_cpu_flags_are_those_of_proc_cpuinfo():
   flags = _numerics.cpu_flags()
   assert flags is not None and {"sse2", "fpu"} <= flags
-  first = next(line for line in Path("/proc/cpuinfo").read_text(
-      ).splitlines() if line.startswith("flags"))
+  text = Path("/proc/cpuinfo").read_text()
+  first = next(line for line in text.splitlines() if line.startswith("flags"))
   assert flags == frozenset(first.split(":", 1)[1].split())
+  # The policy this host gets, unpatched.
+  native = any(f" {f}" in first for f in ("avx512_bf16", "amx_bf16"))
+  assert matmul_policy(jnp.bfloat16, False, "cpu").upcast == (not native)
 
 
 def _data(dtype, b=24, d=8, v=50):

@@ -693,3 +693,28 @@ def test_sequence_split_on_explicit_axes(rows):
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-5)
   for g, a in zip(got[1], args[:3], strict=True):   # in its input's layout
     assert g.sharding.is_equivalent_to(a.sharding, g.ndim)
+
+
+@pytest.mark.parametrize("rows", [P(None, "data", "model"),
+                                  P("data", None, "model")], ids=str)
+def test_vmap_of_sequence_split_logits_on_explicit_axes(rows):
+  # vmap over a leading axis of (e, batch, seq, V) logits split on
+  # Explicit axes: the flattening and unflattening reshapes take the
+  # vmapped dimension's sharding too.
+  k = jax.random.split(jax.random.key(2), 2)
+  z = jax.random.normal(k[0], (2, 4, 8, V))
+  y = jax.random.randint(k[1], (2, 4, 8), 0, V)
+
+  def loss(z, y):
+    ce, aux = js.cross_entropy(z, y, reduction="none", return_aux=True)
+    return jnp.sum(ce * aux.entropy) + js.cross_entropy(z, y)
+
+  vg = jax.vmap(jax.value_and_grad(loss))
+  want = vg(z, y)
+  mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    zs = jax.device_put(z, NamedSharding(mesh, P(*rows, None)))
+    ys = jax.device_put(y, NamedSharding(mesh, rows))
+    got = jax.jit(vg)(zs, ys)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
+  assert got[1].sharding.is_equivalent_to(zs.sharding, 4)

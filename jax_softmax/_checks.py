@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from jax_softmax._numerics import merge_dims, padded_spec, unflatten_rows
+from jax_softmax._numerics import (
+  like_rows,
+  merge_dims,
+  padded_spec,
+  sharded_like,
+  unflatten_rows,
+)
 
 Axis = int | Sequence[int]
 
@@ -219,7 +225,7 @@ def check_labels(labels: jax.Array, num_classes: int,
 
 def int_label_rows(labels, batch_shape: tuple[int, ...], where,
                    ignore_index, num_classes: int, checked: bool = False,
-                   has_class=None, name: str = "labels"
+                   has_class=None, name: str = "labels", batch_spec=None
                    ) -> tuple[jax.Array, jax.Array]:
   """Validates integer labels of the batch shape; returns them as int32
   with the row mask: ``where`` (a row mask broadcast to the batch shape)
@@ -232,7 +238,8 @@ def int_label_rows(labels, batch_shape: tuple[int, ...], where,
     raise ValueError(
         f"integer {name} must have the logits' shape without the class "
         f"axis, {batch_shape}; got {labels.shape}.")
-  row = row_mask(where, batch_shape)
+  labels = like_rows(labels, batch_spec)
+  row = like_rows(row_mask(where, batch_shape), batch_spec)
   if ignore_index is not None:
     row = row & (labels != ignore_index)
   counted = row if has_class is None else row & has_class
@@ -302,9 +309,10 @@ def row_mask(where, batch_shape: tuple[int, ...]) -> jax.Array:
 
 
 def row_weights(weights, batch_shape: tuple[int, ...], dtype,
-                flat: bool = True) -> jax.Array | None:
+                flat: bool = True, batch_spec=None) -> jax.Array | None:
   """Per-row floating ``weights`` of the batch shape (flattened to rows
-  with ``flat``), in ``dtype`` (None for None)."""
+  with ``flat``, in ``batch_spec``: :func:`like_rows`), in ``dtype``
+  (None for None)."""
   if weights is None:
     return None
   v = as_float_array(weights, "weights")
@@ -312,7 +320,7 @@ def row_weights(weights, batch_shape: tuple[int, ...], dtype,
     raise ValueError(f"weights must have the labels' shape {batch_shape}; "
                      f"got {v.shape}.")
   v = v.astype(dtype)   # the loss keeps the logits' compute dtype
-  return flatten_rows(v) if flat else v
+  return flatten_rows(like_rows(v, batch_spec)) if flat else v
 
 
 def objective_args(fn_args, batch_shape: tuple[int, ...]) -> tuple:
@@ -439,24 +447,24 @@ def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
   int_labels = label_kind(labels)
   row, class_mask, row_where = None, None, where
   if where is not None and jnp.ndim(where) == logits.ndim:
-    mask = broadcast_mask(as_bool_mask(where), logits.shape,
-                                  name)
+    mask = sharded_like(broadcast_mask(as_bool_mask(where), logits.shape,
+                                       name), logits)
     class_mask, row_where = class_layout(mask), None
   if int_labels:   # has_class: the rows with a class left
     has_class = None if class_mask is None else unflatten_rows(jnp.any(
         class_mask, axis=-1), batch_shape, batch_spec)
     labels, row = int_label_rows(
         labels, batch_shape, row_where, ignore_index, num_classes,
-        check_labels, has_class)
+        check_labels, has_class, batch_spec=batch_spec)
     target = flatten_rows(labels)
   else:
-    row = row_mask(row_where, batch_shape)
+    row = like_rows(row_mask(row_where, batch_shape), batch_spec)
     labels = jnp.asarray(labels)
     if labels.shape != logits.shape:
       raise ValueError(
           f"probability labels must have the logits' shape {logits.shape}; "
           f"got {labels.shape}.")
-    target = class_layout(labels)
+    target = class_layout(sharded_like(labels, logits))
   return LogitRows(class_layout(logits), target, flatten_rows(row),
                    class_mask, batch_shape, int_labels, batch_spec)
 

@@ -268,7 +268,7 @@ def cross_entropy(
   out = _cross_entropy_jit(_Config(reduction, r.int_labels, return_aux),
                            r.logits, r.target, r.row_mask, r.class_mask, hp,
                            _checks.row_weights(weights, r.batch_shape,
-                                               dtype))
+                                               dtype, batch_spec=r.batch_spec))
   return shape_outputs(out, reduction, return_aux, r.batch_shape,
                        r.batch_spec)
 

@@ -127,6 +127,7 @@ def nll_loss(
                   compute_dtype(r.logits.dtype))
   out = _nll_jit(reduction, r.logits, r.target, r.row_mask, r.class_mask, hp,
                  _checks.row_weights(weights, r.batch_shape,
-                                     compute_dtype(r.logits.dtype)))
+                                     compute_dtype(r.logits.dtype),
+                                     batch_spec=r.batch_spec))
   return (unflatten_rows(out, r.batch_shape, r.batch_spec)
           if reduction == "none" else out)

@@ -237,3 +237,13 @@ def unflatten_rows(a, batch_shape: tuple[int, ...], batch_spec):
     return a.reshape(shape)
   return lax.reshape(a, shape, out_sharding=P(*batch_spec, *(
       (None,) * (a.ndim - 1))))
+
+
+def like_rows(a, batch_spec):
+  """A per-row array (the batch shape, then any trailing dimensions) in the
+  batch sharding ``batch_spec`` (:func:`unflatten_rows`), unchanged where
+  that is None: labels, masks and weights split otherwise than the logits
+  then meet them row for row."""
+  if batch_spec is None:
+    return a
+  return jax.reshard(a, P(*batch_spec, *(None,) * (a.ndim - len(batch_spec))))

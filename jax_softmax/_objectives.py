@@ -15,7 +15,12 @@ from jax_softmax import _checks, _reduce
 from jax_softmax._kernel import make_hyper
 from jax_softmax._linear_ce import fused_call
 from jax_softmax._losses import rows_with_aux
-from jax_softmax._numerics import compute_dtype, merge_dims, unflatten_rows
+from jax_softmax._numerics import (
+  compute_dtype,
+  like_rows,
+  merge_dims,
+  unflatten_rows,
+)
 
 _DOC_FN = """
   Per counted row ``i`` the objective is ``fn(log_p[i], entropy[i],
@@ -80,7 +85,8 @@ def log_prob_objective(
                   temperature)
   args = _checks.objective_args(fn_args, r.batch_shape)
   k = len(r.batch_shape)
-  args = tuple(merge_dims(a, (0, k, *range(k + 1, a.ndim + 1))) for a in args)
+  args = tuple(merge_dims(like_rows(a, r.batch_spec),
+                          (0, k, *range(k + 1, a.ndim + 1))) for a in args)
   xent, aux = rows_with_aux(r, hp)
   # Counted: unmasked, not ignored, a class left (lse > -inf; NaN counts).
   counted = r.row_mask & (aux.lse != -jnp.inf)

@@ -718,3 +718,48 @@ def test_vmap_of_sequence_split_logits_on_explicit_axes(rows):
     got = jax.jit(vg)(zs, ys)
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
   assert got[1].sharding.is_equivalent_to(zs.sharding, 4)
+
+
+@pytest.mark.parametrize(("logits", "rows"), [
+    (P("data", None), P(None, "model")), (P("data", "model"), P("model")),
+    (P(), P("data", "model")), (P(None, None, "model"), P("data"))], ids=str)
+def test_per_row_inputs_split_otherwise_than_the_logits(logits, rows):
+  # Labels, row and full masks, weights, probability labels and fn_args
+  # split otherwise than the (batch, seq, V) logits met them in an
+  # elementwise op that JAX refused (incompatible shardings); they are
+  # resharded to the logits' rows, and per-row results follow the logits.
+  k = jax.random.split(jax.random.key(3), 5)
+  z = jax.random.normal(k[0], (8, 8, V))
+  y = jax.random.randint(k[1], (8, 8), 0, V).at[0, 1].set(-100)
+  keep = jax.random.bernoulli(k[2], 0.9, (8, 8))
+  mask = jax.random.bernoulli(k[3], 0.8, (8, 8, V)).at[..., 0].set(True)
+  adv = jax.random.normal(k[4], (8, 8))
+  cot = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
+
+  def loss(z, adv, y, keep, mask, probs):
+    return (jnp.sum(cot * js.cross_entropy(z, y, where=keep, weights=adv,
+                                           reduction="none"))
+            + js.cross_entropy(z, y, where=mask)
+            + js.cross_entropy(z, probs, where=mask)
+            + js.nll_loss(js.log_softmax(z), y, weights=adv)
+            + js.log_prob_objective(z, y, lambda lp, h, a: -a * lp - h,
+                                    (adv,), where=keep))
+
+  probs = js.softmax(0.5 * z)
+  vg = jax.value_and_grad(loss, (0, 1))
+  want = vg(z, adv, y, keep, mask, probs)
+  mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+  full = P(*rows, None)
+  with jax.set_mesh(mesh):
+    def put(a, spec):
+      return jax.device_put(a, NamedSharding(mesh, spec))
+    zs = put(z, logits)
+    got = jax.jit(vg)(zs, put(adv, rows), put(y, rows), put(keep, rows),
+                      put(mask, full), put(probs, full))
+    per_row = jax.jit(lambda z, y: js.cross_entropy(z, y, reduction="none"))(
+        zs, put(y, rows))
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-5)
+  assert got[1][0].sharding.is_equivalent_to(zs.sharding, 3)
+  batch = tuple(zs.sharding.spec) + (None,) * 3
+  assert per_row.sharding.is_equivalent_to(
+      NamedSharding(mesh, P(*batch[:2])), 2)

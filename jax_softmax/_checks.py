@@ -320,12 +320,14 @@ def row_weights(weights, batch_shape: tuple[int, ...], dtype,
     raise ValueError(f"weights must have the labels' shape {batch_shape}; "
                      f"got {v.shape}.")
   v = v.astype(dtype)   # the loss keeps the logits' compute dtype
-  return flatten_rows(like_rows(v, batch_spec)) if flat else v
+  return _as_rows(v, batch_shape, flat, batch_spec)
 
 
-def objective_args(fn_args, batch_shape: tuple[int, ...]) -> tuple:
+def objective_args(fn_args, batch_shape: tuple[int, ...], flat: bool = True,
+                   batch_spec=None) -> tuple:
   """An objective's per-row arguments: a tuple of floating arrays whose
-  leading dimensions are the batch shape."""
+  leading dimensions are the batch shape (merged to rows with ``flat``, in
+  ``batch_spec``, as :func:`row_weights`)."""
   if not isinstance(fn_args, (tuple, list)):
     raise TypeError("fn_args must be a tuple of per-row arrays; got "
                     f"{type(fn_args).__name__}.")
@@ -336,8 +338,14 @@ def objective_args(fn_args, batch_shape: tuple[int, ...]) -> tuple:
       raise ValueError(f"fn_args[{i}] must have the labels' shape "
                        f"{batch_shape} as its leading dimensions; got "
                        f"{a.shape}.")
-    out.append(a)
+    out.append(_as_rows(a, batch_shape, flat, batch_spec))
   return tuple(out)
+
+
+def _as_rows(a, batch_shape: tuple[int, ...], flat: bool, batch_spec):
+  """A per-row array with its batch dimensions merged to rows (in
+  ``batch_spec``: :func:`like_rows`) with ``flat``, else unchanged."""
+  return flatten_rows(like_rows(a, batch_spec), len(batch_shape)) if flat else a
 
 
 def objective_closure(fn, fn_args: tuple, batch_shape: tuple[int, ...],
@@ -469,6 +477,8 @@ def logit_rows(logits, labels, axis, where, ignore_index, check_labels,
                    class_mask, batch_shape, int_labels, batch_spec)
 
 
-def flatten_rows(a):
-  """A per-row array of the batch shape as ``(rows,)`` (:func:`merge_dims`)."""
-  return merge_dims(a, (0, a.ndim))
+def flatten_rows(a, k: int | None = None):
+  """A per-row array whose first ``k`` dimensions (all by default) are the
+  batch shape, as ``(rows, ...)`` (:func:`merge_dims`)."""
+  k = a.ndim if k is None else k
+  return merge_dims(a, (0, k, *range(k + 1, a.ndim + 1)))

@@ -179,7 +179,7 @@ def fused_call(caller, x, w, labels, *, reduction, chunk_size, w_layout,
   dtype = compute_dtype(x.dtype)
   hp = make_hyper(*hyper[:4], global_vocab, dtype, hyper[4])
   rows = PerRow(_checks.row_weights(weights, batch_shape, dtype, flat=False),
-                _checks.objective_args(fn_args, batch_shape))
+                _checks.objective_args(fn_args, batch_shape, flat=False))
   if objective is not None:
     _checks.objective_closure(objective, rows.fn_args, batch_shape, dtype)
   cfg = Config(reduction, chunk_size or 0, grad_in_forward,

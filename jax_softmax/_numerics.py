@@ -235,8 +235,7 @@ def unflatten_rows(a, batch_shape: tuple[int, ...], batch_spec):
   shape = tuple(batch_shape) + a.shape[1:]
   if batch_spec is None:
     return a.reshape(shape)
-  return lax.reshape(a, shape, out_sharding=P(*batch_spec, *(
-      (None,) * (a.ndim - 1))))
+  return lax.reshape(a, shape, out_sharding=_rows_spec(batch_spec, len(shape)))
 
 
 def like_rows(a, batch_spec):
@@ -246,4 +245,10 @@ def like_rows(a, batch_spec):
   then meet them row for row."""
   if batch_spec is None:
     return a
-  return jax.reshard(a, P(*batch_spec, *(None,) * (a.ndim - len(batch_spec))))
+  return jax.reshard(a, _rows_spec(batch_spec, a.ndim))
+
+
+def _rows_spec(batch_spec, ndim: int) -> P:
+  """``batch_spec`` for the leading dimensions of an ``ndim``-dimensional
+  per-row array, its trailing dimensions replicated."""
+  return P(*batch_spec, *(None,) * (ndim - len(batch_spec)))

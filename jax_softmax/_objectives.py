@@ -17,8 +17,6 @@ from jax_softmax._linear_ce import fused_call
 from jax_softmax._losses import rows_with_aux
 from jax_softmax._numerics import (
   compute_dtype,
-  like_rows,
-  merge_dims,
   unflatten_rows,
 )
 
@@ -83,10 +81,8 @@ def log_prob_objective(
   dtype = compute_dtype(r.logits.dtype)
   hp = make_hyper(0.0, 0.0, None, None, r.logits.shape[-1], dtype,
                   temperature)
-  args = _checks.objective_args(fn_args, r.batch_shape)
-  k = len(r.batch_shape)
-  args = tuple(merge_dims(like_rows(a, r.batch_spec),
-                          (0, k, *range(k + 1, a.ndim + 1))) for a in args)
+  args = _checks.objective_args(fn_args, r.batch_shape,
+                                batch_spec=r.batch_spec)
   xent, aux = rows_with_aux(r, hp)
   # Counted: unmasked, not ignored, a class left (lse > -inf; NaN counts).
   counted = r.row_mask & (aux.lse != -jnp.inf)
